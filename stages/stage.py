@@ -1,0 +1,200 @@
+"""One contiguous block range of a transformers causal LM, loaded on its own.
+
+A `Stage` builds the whole model's module tree on the meta device (no memory), keeps the blocks
+`[start, end)` (plus the embeddings on stage 0, the final norm and LM head on the last stage),
+and fills only those from the checkpoint. Its forward runs transformers' own block modules over
+a batch of rows of different lengths, against its preallocated `KVCache`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from stages.architecture import Architecture, describe
+from stages.kv_cache import KVCache, StepRows
+from stages.loading import checkpoint_names, load_tensors, weight_map
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Turns "float16" / torch.float16 into a torch dtype, rejecting anything else."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+class Stage(nn.Module):
+    """The blocks `[start, end)` of a checkpoint, with their KV cache.
+
+    Args:
+        model_dir: a Hugging Face checkpoint directory (config.json + safetensors).
+        start: first block (0-based).
+        end: one past the last block; `end == num_hidden_layers` makes this the last stage.
+        dtype: compute and storage dtype.
+        device: where the weights and cache live ("cpu", "cuda", ...).
+        num_slots: sequences that can be open at once (cache slots).
+        max_len: longest sequence, prompt + output, in tokens; defaults to the model's limit.
+    """
+
+    def __init__(self, model_dir: str, start: int, end: int, *, dtype: str | torch.dtype = "float32",
+                 device: str | torch.device = "cpu", num_slots: int = 16, max_len: int | None = None):
+        super().__init__()
+        began = time.monotonic()
+        self.config = AutoConfig.from_pretrained(model_dir)
+        num_layers = self.config.num_hidden_layers
+        if not 0 <= start < end <= num_layers:
+            raise ValueError(f"block range [{start}, {end}) is not within [0, {num_layers})")
+        self.start, self.end = start, end
+        self.is_first, self.is_last = start == 0, end == num_layers
+        self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
+
+        # Buffers stay real (include_buffers=False): rotary frequencies and the like are computed
+        # in __init__ and are not in checkpoints.
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa",
+                                                     dtype=self.dtype)
+        model.eval()
+        self.arch: Architecture = describe(model)
+        owned = self._owned_modules(model)
+        self._load(model_dir, model, owned)
+
+        blocks = _module(model, self.arch.layers)
+        self.blocks = nn.ModuleList(blocks[i] for i in range(start, end))
+        self.embed = _module(model, self.arch.embed) if self.is_first else None
+        self.position_embed = (_module(model, self.arch.position_embed)
+                               if self.is_first and self.arch.position_embed else None)
+        self.final_norm = (_module(model, self.arch.final_norm)
+                           if self.is_last and self.arch.final_norm else None)
+        self.head = _module(model, self.arch.head) if self.is_last else None
+        self.rotary = _module(model, self.arch.rotary).to(self.device) if self.arch.rotary else None
+        del model
+        self.to(self.device)
+
+        max_len = max_len or getattr(self.config, "max_position_embeddings", None) or 2048
+        num_kv_heads, head_dim = kv_shape(self.config)
+        self.cache = KVCache(start, end, num_slots, max_len, num_kv_heads, head_dim, self.dtype, self.device)
+        logger.info("stage [%d, %d) of %s loaded: %.1f MiB of weights in %.1f s", start, end, model_dir,
+                    self.weight_bytes() / 2**20, time.monotonic() - began)
+
+    def _owned_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        arch = self.arch
+        names = [f"{arch.layers}.{i}" for i in range(self.start, self.end)]
+        if self.is_first:
+            names += [arch.embed] + ([arch.position_embed] if arch.position_embed else [])
+        if self.is_last:
+            names += ([arch.final_norm] if arch.final_norm else []) + [arch.head]
+        return {name: _module(model, name) for name in names}
+
+    def _load(self, model_dir: str, model: nn.Module, owned: dict[str, nn.Module]) -> None:
+        files = weight_map(model_dir)
+        stored = checkpoint_names(model, files)
+        wanted: dict[str, str] = {}
+        for prefix, module in owned.items():
+            for local, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+                name = f"{prefix}.{local}"
+                if name in stored:
+                    wanted[name] = stored[name]
+                elif prefix == self.arch.head and self.arch.tied:
+                    if not self.is_first:  # stage 0 re-ties its head to the embedding it loads
+                        wanted[name] = stored[f"{self.arch.embed}.{local}"]  # tied: stored once
+                elif tensor.device.type == "meta":
+                    raise ValueError(f"{model_dir}: tensor {name} is missing from the checkpoint")
+        tensors = load_tensors(model_dir, wanted, files)
+        for name, tensor in tensors.items():
+            value_dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+            set_module_tensor_to_device(model, name, "cpu", value=tensor.to(value_dtype))
+        if self.is_last and self.is_first and self.arch.tied:
+            owned[self.arch.head].weight = owned[self.arch.embed].weight
+
+    def weight_bytes(self) -> int:
+        """Bytes of the parameters and buffers this stage holds (the cache excluded)."""
+        seen, total = set(), 0
+        for tensor in list(self.parameters()) + list(self.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+        return total
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, num_new: torch.Tensor,
+                all_logits: bool = False) -> torch.Tensor:
+        """Runs one batched step through the stage's blocks.
+
+        Args:
+            inputs: token ids (B, T) on the first stage, hidden states (B, T, C) on the others;
+                rows are right-padded to the longest.
+            slots: (B,) cache slot of each row.
+            starts: (B,) position of each row's first new token.
+            num_new: (B,) real new tokens of each row.
+            all_logits: on the last stage, return logits at every position, not just the last.
+
+        Returns:
+            hidden states (B, T, C); on the last stage float32 logits (B, V) at each row's last
+            real token, or (B, T, V) with `all_logits`.
+        """
+        width = inputs.shape[1]
+        slots, starts, num_new = (t.to(torch.long).cpu() for t in (slots, starts, num_new))
+        rows = StepRows.build(slots, starts, num_new, width)
+        self.cache.begin_step(rows)
+        # Padding repeats a row's last real position, which keeps learned/rotary tables in range.
+        offsets = torch.minimum(torch.arange(width)[None, :], (num_new - 1)[:, None])
+        positions = (starts[:, None] + offsets).to(self.device)  # (B, T)
+
+        inputs = inputs.to(self.device)
+        if self.is_first:
+            hidden = self.embed(inputs)
+            if self.position_embed is not None:
+                hidden = hidden + self.position_embed(positions)
+        else:
+            hidden = inputs.to(self.dtype)
+        masks = self._masks(positions, rows.length)
+        position_embeddings = self.rotary(hidden, positions) if self.rotary is not None else None
+        for index, block in zip(range(self.start, self.end), self.blocks):
+            out = block(hidden, attention_mask=masks[self.arch.sliding[index]], position_ids=positions,
+                        use_cache=True, position_embeddings=position_embeddings, **{self.arch.cache_arg: self.cache})
+            hidden = out[0] if isinstance(out, tuple) else out
+        if not self.is_last:
+            return hidden
+        if not all_logits:
+            hidden = hidden[torch.arange(hidden.shape[0]), (num_new - 1).to(self.device)]  # (B, C)
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        return self.head(hidden).float()
+
+    def _masks(self, positions: torch.Tensor, length: int) -> dict[int | None, torch.Tensor]:
+        """Additive masks (B, 1, T, length) for each attention pattern the stage's blocks use."""
+        keys = torch.arange(length, device=self.device)[None, None, :]  # (1, 1, L)
+        queries = positions[:, :, None]  # (B, T, 1)
+        neg = torch.finfo(self.dtype).min
+        masks = {}
+        for window in set(self.arch.sliding[self.start:self.end]):
+            visible = keys <= queries
+            if window is not None:
+                visible &= keys > queries - window
+            zero = torch.zeros((), dtype=self.dtype, device=self.device)
+            masks[window] = torch.where(visible, zero, neg)[:, None]
+        return masks
+
+
+def kv_shape(config) -> tuple[int, int]:
+    """(key/value heads, head size) of a config's attention."""
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return num_kv_heads, head_dim
