@@ -1,0 +1,143 @@
+"""Stages without Ray: N chained stages must reproduce transformers token for token."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stages import Stage
+from stages.loading import weight_map
+from tests.checkpoints import ARCHITECTURES
+
+PROMPT = "the quick brown fox jumps over the lazy dog in the city of Paris"
+SPLITS = {1: [(0, 6)], 2: [(0, 3), (3, 6)], 3: [(0, 2), (2, 4), (4, 6)]}
+
+
+def reference(model_dir: str, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=num_tokens, min_new_tokens=num_tokens,
+                         do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def step(stages: list[Stage], inputs, slots, starts, num_new) -> torch.Tensor:
+    """One batched step through the chained stages; returns the last stage's logits."""
+    tensors = [torch.tensor(v) for v in (slots, starts, num_new)]
+    for stage in stages:
+        inputs = stage(inputs, *tensors)
+    return inputs
+
+
+def greedy(stages: list[Stage], prompt_ids: list[int], num_tokens: int, slot: int = 0) -> list[int]:
+    logits = step(stages, torch.tensor([prompt_ids]), [slot], [0], [len(prompt_ids)])
+    out = [int(logits[0].argmax())]
+    for _ in range(num_tokens - 1):
+        logits = step(stages, torch.tensor([[out[-1]]]), [slot], [len(prompt_ids) + len(out) - 1], [1])
+        out.append(int(logits[0].argmax()))
+    return out
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_chained_stages_match_transformers(checkpoint, arch, num_stages):
+    model_dir = checkpoint(arch)
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
+    # 32 new tokens cross Mistral's 24-token sliding window.
+    expected = reference(model_dir, prompt_ids, 32)
+    stages = [Stage(model_dir, start, end, num_slots=2) for start, end in SPLITS[num_stages]]
+    assert greedy(stages, prompt_ids, 32) == expected
+
+
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_batched_rows_of_different_lengths_match_each_alone(checkpoint, num_stages):
+    """Sequences join and leave mid-generation; each gets exactly what it gets alone."""
+    model_dir = checkpoint("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer(p).input_ids for p in
+               ("the city", "a quick brown fox jumps over the lazy dog", "music of the river and stone garden at night")]
+    alone = [reference(model_dir, p, 12) for p in prompts]
+    stages = [Stage(model_dir, start, end, num_slots=8) for start, end in SPLITS[num_stages]]
+    # slot, prompt, tokens so far; sequence 0 starts alone, 1 and 2 join at steps 3 and 5
+    # (in one padded prefill batch with 0's decode), and 0 leaves after 12 tokens.
+    running: dict[int, list[int]] = {}
+    slots = {0: 5, 1: 2, 2: 7}
+    outputs = {i: [] for i in range(3)}
+    joins = {0: [0], 3: [1], 5: [2]}
+    for t in range(20):
+        batch = []
+        for i in joins.get(t, []):
+            batch.append((i, prompts[i], 0))
+        for i in list(running):
+            if len(outputs[i]) < 12:
+                batch.append((i, [outputs[i][-1]], len(prompts[i]) + len(outputs[i]) - 1))
+        if not batch:
+            continue
+        width = max(len(tokens) for _, tokens, _ in batch)
+        inputs = torch.tensor([tokens + [0] * (width - len(tokens)) for _, tokens, _ in batch])
+        logits = step(stages, inputs, [slots[i] for i, _, _ in batch], [s for _, _, s in batch],
+                      [len(tokens) for _, tokens, _ in batch])
+        for row, (i, _, _) in enumerate(batch):
+            outputs[i].append(int(logits[row].argmax()))
+            running[i] = outputs[i]
+    assert [outputs[i] for i in range(3)] == alone
+
+
+def test_stage_reads_only_its_own_tensors(checkpoint, monkeypatch):
+    model_dir = checkpoint("llama", max_shard_size="100KB")
+    files = weight_map(model_dir)
+    opened: dict[str, list[str]] = {}
+    import stages.loading as loading
+
+    real_safe_open = loading.safe_open
+
+    class Recording:
+        def __init__(self, path, framework):
+            self.inner = real_safe_open(path, framework=framework)
+            self.name = os.path.basename(path)
+            opened.setdefault(self.name, [])
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def get_tensor(self, key):
+            opened[self.name].append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(loading, "safe_open", Recording)
+    stage = Stage(model_dir, 2, 4)
+    read = [key for keys in opened.values() for key in keys]
+    assert read and all(key.startswith(("model.layers.2.", "model.layers.3.")) for key in read)
+    own_files = {files[key] for key in read}
+    assert set(opened) == own_files  # never a file without one of its tensors
+    assert stage.embed is None and stage.head is None
+    assert stage.weight_bytes() == sum(t.numel() * t.element_size() for t in [*stage.parameters(), *stage.buffers()])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])  # tied embeddings
+def test_tied_head_on_the_last_stage(checkpoint, arch):
+    model_dir = checkpoint(arch)
+    first, last = Stage(model_dir, 0, 3), Stage(model_dir, 3, 6)
+    assert torch.equal(first.embed.weight, last.head.weight)
+    alone = Stage(model_dir, 0, 6)
+    assert alone.head.weight is alone.embed.weight  # one copy when a stage holds both
+
+
+def test_bad_ranges_are_refused(checkpoint):
+    model_dir = checkpoint("llama")
+    for start, end in ((0, 0), (3, 2), (0, 7), (-1, 2)):
+        with pytest.raises(ValueError, match="block range"):
+            Stage(model_dir, start, end)
+
+
+def test_compute_packages_do_not_import_ray():
+    code = "import sys, stages, placement, stages.stage; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
