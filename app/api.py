@@ -1,0 +1,77 @@
+"""The HTTP surface: an OpenAI-compatible FastAPI app over an `Engine`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.completions import Completion, ModelInfo, PipelineError
+from app.engine import Engine, Overloaded
+from app.errors import (SERVICE_UNAVAILABLE, NotFound, Overloaded as OverloadedError, error_body, error_response,
+                        install_error_handlers, parse_json_body)
+from app.protocol import CompletionRequest, ModelCard, ModelList
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(engine: Engine, model: ModelInfo) -> FastAPI:
+    """Builds the app: `GET /v1/models`, `POST /v1/completions`, `GET /health`.
+
+    Args:
+        engine: schedules the sequences over the stages.
+        model: the served model's name, tokenizer and limits.
+
+    Returns:
+        The FastAPI app (Serve wraps it as the ingress; tests use it directly).
+    """
+    app = FastAPI(title="stagewise", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "running": engine.num_running, "waiting": len(engine.waiting)}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model.name, created=model.created, root=model.name,
+                                         max_model_len=model.max_model_len)])
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse_json_body(request, CompletionRequest)
+        if body.model != model.name:
+            raise NotFound(f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+        completion = Completion(body, engine, model)
+        try:
+            completion.start()
+        except Overloaded as exc:
+            completion.abort()
+            raise OverloadedError(f"server overloaded: {exc}", retry_after=1) from exc
+        if body.stream:
+            return StreamingResponse(_guarded_stream(completion), media_type="text/event-stream")
+        try:
+            response = await completion.run()
+        except PipelineError as exc:
+            return error_response(503, str(exc), SERVICE_UNAVAILABLE, code="pipeline_unavailable")
+        finally:
+            completion.abort()  # a no-op when done; frees the slots when the client went away
+        return JSONResponse(response.model_dump())
+
+    return app
+
+
+async def _guarded_stream(completion: Completion):
+    """The completion's SSE stream; aborts its sequences however the stream ends."""
+    try:
+        async for line in completion.stream():
+            yield line
+    except PipelineError as exc:
+        yield f"data: {json.dumps(error_body(str(exc), SERVICE_UNAVAILABLE, code='pipeline_unavailable'))}\n\n"
+    except asyncio.CancelledError:
+        raise
+    finally:
+        completion.abort()

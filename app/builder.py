@@ -1,0 +1,118 @@
+"""The application builder: `serve run serve_config.yaml` or `serve run app:build_app key=value ...`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.engine import EngineConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+class BuilderArgs(BaseModel):
+    """`applications[0].args` of serve_config.yaml (or `key=value` after the import path)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="checkpoint directory; default: SmolLM2-135M-Instruct")
+    served_model_name: str | None = Field(None, description="model id; default: the directory's name")
+    num_stages: Union[int, Literal["auto"]] = Field(2, description="stages, or auto (the planner decides)")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_batch_size: int = Field(16, ge=1, le=1024, description="sequences open at once (KV cache slots)")
+    max_model_len: int | None = Field(None, ge=16, description="prompt + output; default min(model, 4096)")
+    max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens per step (chunked prefill)")
+    num_microbatches: int = Field(1, ge=1, le=64, description="steps in flight at once")
+    max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
+    step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
+    stage_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per stage replica")
+    stage_num_threads: int | None = Field(None, ge=1, description="torch threads per stage; default: all cores")
+    stage_num_gpus: float | None = Field(None, ge=0, description="GPUs per stage; default 1 if any")
+
+    @field_validator("num_stages", mode="before")
+    @classmethod
+    def _stages_from_string(cls, value):
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        return value
+
+
+def resolve_model(args: BuilderArgs) -> tuple[str, str]:
+    """(checkpoint directory, served name), converting the default model on first use."""
+    if args.model is None:
+        from app.default_model import DEFAULT_MODEL_NAME, default_model_dir
+
+        return default_model_dir(), args.served_model_name or DEFAULT_MODEL_NAME
+    model_dir = os.path.abspath(os.path.expanduser(args.model))
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"model: {model_dir} is not a checkpoint directory (no config.json)")
+    return model_dir, args.served_model_name or os.path.basename(model_dir.rstrip("/"))
+
+
+def stage_ranges(model_dir: str, args: BuilderArgs) -> list[tuple[int, int]]:
+    """Block ranges of the stages: an even split by bytes for a fixed `num_stages`."""
+    from placement import ModelSpec, split_even
+
+    spec = ModelSpec.from_model_dir(model_dir, dtype=args.dtype)
+    if args.num_stages == "auto":
+        raise ValueError("num_stages: auto needs the placement planner, which is not wired in yet")
+    return split_even(spec, args.num_stages)
+
+
+def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None) or 4096
+    max_model_len = min(args.max_model_len or min(limit, 4096), limit)
+    return EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_model_len,
+                        max_prefill_tokens=args.max_prefill_tokens, num_microbatches=args.num_microbatches,
+                        max_queued_requests=args.max_queued_requests, step_timeout_s=args.step_timeout_s)
+
+
+def build_app(args: BuilderArgs):
+    """Builds the application: `Stage0 … StageN-1` deployments and the `Ingress`.
+
+    Args:
+        args: builder arguments (see `BuilderArgs`).
+
+    Returns:
+        A bound Serve application.
+    """
+    from ray import serve
+
+    from app.deployments import Ingress, StageDeployment
+
+    if isinstance(args, dict):
+        args = BuilderArgs(**args)
+    model_dir, served_name = resolve_model(args)
+    ranges = stage_ranges(model_dir, args)
+    config = engine_config(model_dir, args)
+    num_gpus = args.stage_num_gpus if args.stage_num_gpus is not None else _default_gpus_per_stage(len(ranges))
+    threads = args.stage_num_threads or os.cpu_count() or 1
+    logger.info("stagewise: %s in %d stages %s", served_name, len(ranges), ranges)
+    stages = []
+    for index, (start, end) in enumerate(ranges):
+        options = {"num_cpus": args.stage_num_cpus, "num_gpus": num_gpus,
+                   "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
+        deployment = serve.deployment(StageDeployment, name=f"Stage{index}", ray_actor_options=options,
+                                      health_check_period_s=5, health_check_timeout_s=30)
+        stages.append(deployment.bind(model_dir, index, start, end, dtype=args.dtype,
+                                      max_batch_size=args.max_batch_size, max_model_len=config.max_model_len,
+                                      num_threads=threads))
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", ray_actor_options={"num_cpus": 0})
+    return ingress.bind(stages, model_dir, served_name, config)
+
+
+def _default_gpus_per_stage(num_stages: int) -> float:
+    """One GPU per stage when the cluster has enough, a share of one when it has fewer, else 0."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    total = ray.cluster_resources().get("GPU", 0)
+    if total <= 0:
+        return 0.0
+    return 1.0 if total >= num_stages else total / num_stages

@@ -1,0 +1,128 @@
+"""The ingress end of the data plane: send a step into the stage chain, await its logits."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+
+import torch
+
+from app.transport import Connections, connect, listen, serve_connections
+
+logger = logging.getLogger(__name__)
+
+
+class StepFailed(RuntimeError):
+    """A step did not come back: a stage failed, vanished or timed out."""
+
+
+class PipelineClient:
+    """Sends steps along `route` (stage addresses in order) and collects their results.
+
+    Results come back to our own listening socket, from the last stage, and resolve the
+    future of their step on the event loop that sent it.
+
+    Args:
+        host: address to listen on for results (reachable from the last stage's node).
+    """
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self._server, self.reply_address = listen(host)
+        self._out = Connections()
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.route: list[str] = []
+        self._watched: set[str] = set()
+        serve_connections(self._server, self._on_message)
+
+    def _on_message(self, header: dict, tensors: list[torch.Tensor]) -> None:
+        with self._lock:
+            entry = self._pending.pop(header.get("step"), None)
+        if entry is None:
+            return  # a step we gave up on
+        loop, future = entry
+        if header["kind"] == "result":
+            loop.call_soon_threadsafe(_resolve, future, tensors[0], None)
+        else:
+            loop.call_soon_threadsafe(_resolve, future, None, StepFailed(header.get("message", "stage error")))
+
+    async def step(self, inputs: torch.Tensor, slots: list[int], starts: list[int], num_new: list[int], *,
+                   all_logits: bool = False, timeout: float | None = None) -> torch.Tensor:
+        """Runs one batched step through every stage.
+
+        Args:
+            inputs: (B, T) token ids, rows right-padded.
+            slots: cache slot of each row.
+            starts: first new position of each row.
+            num_new: real new tokens of each row.
+            all_logits: return logits at every position (B, T, V) instead of the last (B, V).
+            timeout: seconds to wait for the result before the step counts as failed.
+
+        Returns:
+            float32 logits from the last stage.
+
+        Raises:
+            StepFailed: a stage reported an error, could not be reached, or timed out.
+        """
+        if not self.route:
+            raise StepFailed("no stages to send to")
+        step_id = next(self._ids)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._pending[step_id] = (loop, future)
+        header = {"kind": "step", "step": step_id, "slots": slots, "starts": starts, "num_new": num_new,
+                  "all_logits": all_logits, "route": self.route[1:] + [self.reply_address]}
+        try:
+            await asyncio.to_thread(self._out.send, self.route[0], header, [inputs])
+            return await asyncio.wait_for(future, timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise StepFailed(f"step {step_id} failed: {exc!r}") from exc
+        finally:
+            with self._lock:
+                self._pending.pop(step_id, None)
+
+    def set_route(self, route: list[str]) -> None:
+        """Sends the next steps through `route`, watching each stage for its death.
+
+        A watch is a connection the stage never writes to: when the stage's process dies, its
+        end closes and every step in flight fails at once instead of waiting for a timeout.
+        """
+        self.route = list(route)
+        for address in route:
+            if address not in self._watched:
+                self._watched.add(address)
+                threading.Thread(target=self._watch, args=(address,), daemon=True, name="stagewise-watch").start()
+
+    def _watch(self, address: str) -> None:
+        try:
+            sock = connect(address, timeout=10)
+            while sock.recv(1):
+                pass
+        except OSError:
+            pass
+        self._watched.discard(address)
+        self.fail_pending(f"stage at {address} went away")
+
+    def fail_pending(self, message: str) -> None:
+        """Fails every step in flight (their stages' caches can no longer be trusted)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for loop, future in pending.values():
+            loop.call_soon_threadsafe(_resolve, future, None, StepFailed(message))
+
+    def close(self) -> None:
+        self._server.close()
+        self._out.close()
+
+
+def _resolve(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

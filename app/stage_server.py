@@ -1,0 +1,103 @@
+"""Serves one `Stage` on the data plane: receive a step, compute, pass it on along its route."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from app.transport import Connections, listen, serve_connections
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageLoad:
+    """What a stage has done, for metrics and autoscaling (read from any thread)."""
+
+    steps: int = 0
+    rows: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    queued: int = 0
+    last_step_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+class StageServer:
+    """Listens for steps, runs them through the stage one at a time, forwards the results.
+
+    A step message's header: `{"kind": "step", "step": id, "slots", "starts", "num_new",
+    "all_logits", "route": [next hops..., reply address]}` with one tensor, the stage's input.
+    The output goes to `route[0]` with `route[1:]`; the last stage's output (logits) goes to
+    the reply address as `{"kind": "result", "step": id}`. A failure is sent to the reply
+    address as `{"kind": "error", "step": id, "message"}` so that nobody waits forever.
+
+    Args:
+        stage: the `stages.Stage` to serve.
+        host: address to listen on.
+    """
+
+    def __init__(self, stage, host: str = "127.0.0.1"):
+        self.stage = stage
+        self.load = StageLoad()
+        self._inbox: queue.Queue = queue.Queue()
+        self._out = Connections()
+        self._server, self.address = listen(host)
+        serve_connections(self._server, self._on_message)
+        self._worker = threading.Thread(target=self._run, daemon=True, name="stagewise-stage")
+        self._worker.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive()
+
+    def _on_message(self, header: dict, tensors: list[torch.Tensor]) -> None:
+        self.load.queued += 1
+        self._inbox.put((header, tensors))
+
+    def _run(self) -> None:
+        while True:
+            header, tensors = self._inbox.get()
+            self.load.queued -= 1
+            if header is None:
+                return
+            route = header["route"]
+            began = time.monotonic()
+            try:
+                out = self.stage(tensors[0], torch.tensor(header["slots"]), torch.tensor(header["starts"]),
+                                 torch.tensor(header["num_new"]), all_logits=header.get("all_logits", False))
+            except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
+                logger.exception("step %s failed", header.get("step"))
+                self._send(route[-1], {"kind": "error", "step": header["step"], "message": str(exc)})
+                continue
+            elapsed = time.monotonic() - began
+            load = self.load
+            load.steps, load.rows = load.steps + 1, load.rows + len(header["slots"])
+            load.tokens += sum(header["num_new"])
+            load.busy_s, load.last_step_s = load.busy_s + elapsed, elapsed
+            if len(route) > 1:
+                sent = self._send(route[0], dict(header, route=route[1:]), [out])
+            else:
+                sent = self._send(route[0], {"kind": "result", "step": header["step"]}, [out])
+            if not sent and len(route) > 1:
+                # The next stage is gone: tell the ingress now rather than let it time out.
+                self._send(route[-1], {"kind": "error", "step": header["step"],
+                                       "message": f"stage at {route[0]} unreachable"})
+
+    def _send(self, address: str, header: dict, tensors=()) -> bool:
+        try:
+            self._out.send(address, header, tensors)
+            return True
+        except OSError as exc:
+            logger.warning("cannot reach %s: %s", address, exc)
+            return False
+
+    def close(self) -> None:
+        self._server.close()
+        self._inbox.put((None, None))
+        self._out.close()
