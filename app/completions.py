@@ -156,11 +156,22 @@ class Completion:
             echo = self._echo(state)
         return echo + self._apply(state, kind, seq, payload)
 
+    def _top_logprobs(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """{text: logprob} of the alternatives; two ids with the same text (e.g. partial UTF-8 bytes,
+        both "\ufffd") are told apart by their vocabulary strings."""
+        out: dict[str, float] = {}
+        for token, value in top:
+            key = token_text(self.model.tokenizer, token)
+            if key in out:
+                key = self.model.tokenizer.convert_ids_to_tokens(token)
+            out[key] = value
+        return out
+
     def _apply(self, state: ChoiceState, kind: str, seq: Sequence, payload) -> str:
         if kind == "token":
             choice = payload
             if state.logprobs is not None:
-                top = {token_text(self.model.tokenizer, t): v for t, v in (choice.top or [])}
+                top = self._top_logprobs(choice.top or [])
                 self._add_logprob(state, token_text(self.model.tokenizer, choice.token), choice.logprob,
                                   top or None)
             if choice.token in seq.params.stop_token_ids and not seq.params.ignore_eos:

@@ -1,0 +1,92 @@
+"""Starting the app with `serve run` for end-to-end tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeRun:
+    """`serve run` of a generated config in a subprocess; stopped (with its Ray) on exit.
+
+    Args:
+        args: the application's builder args.
+        port: HTTP port (default: a free one).
+        timeout: seconds to wait until `/v1/models` answers.
+        env: extra environment variables.
+    """
+
+    def __init__(self, args: dict, port: int | None = None, timeout: float = 240, env: dict | None = None):
+        self.args, self.port, self.timeout = args, port or free_port(), timeout
+        self.env = env or {}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServeRun":
+        config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": self.port},
+                  "applications": [{"name": "stagewise", "route_prefix": "/", "import_path": "app:build_app",
+                                    "args": self.args}]}
+        self._dir = tempfile.mkdtemp(prefix="stagewise-serve-")
+        path = os.path.join(self._dir, "serve_config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f)
+        self.log_path = os.path.join(self._dir, "serve.log")
+        env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", **self.env)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "ray.serve.scripts", "run", path], cwd=REPO, env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve run exited early:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        self.model = json.load(r)["data"][0]["id"]
+                        return self
+            except OSError:
+                pass
+            time.sleep(1)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"serve run not ready in {self.timeout} s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+        self._log.close()
+
+    def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
