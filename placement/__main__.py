@@ -1,0 +1,7 @@
+"""`python -m placement plan --model DIR --cluster FILE [...]`; see `placement.cli`."""
+
+import sys
+
+from placement.cli import main
+
+sys.exit(main())
