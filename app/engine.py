@@ -126,8 +126,8 @@ class Engine:
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; raises `Overloaded` when the waiting queue is full."""
-        if len(self.waiting) >= self.config.max_queued_requests:
-            raise Overloaded(f"{len(self.waiting)} requests are waiting")
+        if len(self.waiting) >= self.config.max_queued_requests + len(self._free_slots):
+            raise Overloaded(f"{len(self.waiting)} sequences are waiting for a slot")
         self.waiting.append(seq)
         self._ensure_running()
         self._wake.set()

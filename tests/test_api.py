@@ -1,0 +1,204 @@
+"""The HTTP API over real stages, in-process (no Ray): behaviour of every request field."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.checkpoints import ARCHITECTURES
+from tests.local import local_app
+
+THREE = [(0, 2), (2, 4), (4, 6)]
+
+
+def reference_ids(model_dir: str, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def complete(client, **body) -> dict:
+    r = client.post("/v1/completions", json={"model": "model", **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream(client, **body) -> list[dict]:
+    r = client.post("/v1/completions", json={"model": "model", "stream": True, **body})
+    assert r.status_code == 200, r.text
+    lines = [line for line in r.text.split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_over_http(checkpoint, arch):
+    model_dir = checkpoint(arch)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer("a quick brown fox jumps").input_ids
+    expected = reference_ids(model_dir, prompt_ids, 16)
+    with local_app(model_dir, THREE) as (client, _, _):
+        body = complete(client, prompt=prompt_ids, max_tokens=16, temperature=0, logprobs=0)
+        tokens = body["choices"][0]["logprobs"]["tokens"]
+        assert len(tokens) == len(expected)
+        text = tokenizer.decode(expected, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert body["choices"][0]["text"] == text
+
+
+def test_concurrent_requests_join_and_leave(checkpoint):
+    """Sequences of different lengths, arriving at different times, each get what they get alone."""
+    model_dir = checkpoint("qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = ["the", "a quick brown fox jumps over the lazy dog", "stone garden", "city of Paris and the river"]
+    lengths = [20, 5, 12, 30]
+    expected = [reference_ids(model_dir, tokenizer(p).input_ids, n) for p, n in zip(prompts, lengths)]
+    with local_app(model_dir, [(0, 3), (3, 6)], max_batch_size=3, max_prefill_tokens=8) as (client, engine, _):
+        results = [None] * len(prompts)
+
+        def run(i):
+            body = complete(client, prompt=prompts[i], max_tokens=lengths[i], temperature=0, logprobs=0,
+                            ignore_eos=True)
+            results[i] = body["choices"][0]["logprobs"]["tokens"]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, tokens in enumerate(results):
+            assert len(tokens) == lengths[i]
+            assert tokens == [tokenizer.decode([t]) for t in expected[i][: lengths[i]]] or \
+                len(expected[i]) < lengths[i]
+        assert engine.num_running == 0 and engine.num_free_slots == 3
+        assert engine.stats["steps"] > max(lengths)  # prefills were chunked (8 tokens per step)
+
+
+def test_stream_matches_plain_and_reports_usage(checkpoint):
+    model_dir = checkpoint("llama")
+    with local_app(model_dir, THREE) as (client, _, _):
+        plain = complete(client, prompt="the city of", max_tokens=10, temperature=0)
+        chunks = stream(client, prompt="the city of", max_tokens=10, temperature=0,
+                        stream_options={"include_usage": True})
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == plain["choices"][0]["text"]
+        assert chunks[-1]["usage"] == plain["usage"] and chunks[-1]["choices"] == []
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+def test_sampling_fields(checkpoint):
+    model_dir = checkpoint("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with local_app(model_dir, THREE) as (client, _, _):
+        greedy = complete(client, prompt="the", max_tokens=8, temperature=0)["choices"][0]["text"]
+        assert complete(client, prompt="the", max_tokens=8, temperature=1.0, top_k=1)["choices"][0]["text"] == greedy
+        seeded = [complete(client, prompt="the", max_tokens=8, temperature=1.0, seed=3)["choices"][0]["text"]
+                  for _ in range(2)]
+        assert seeded[0] == seeded[1]
+        forced = tokenizer(" city").input_ids[0]
+        body = complete(client, prompt="the", max_tokens=4, temperature=0, logit_bias={str(forced): 100})
+        assert body["choices"][0]["text"] == tokenizer.decode([forced] * 4)
+        # a presence penalty forbids repeating: with a forced token, the penalty cannot undo +100
+        body = complete(client, prompt="the", max_tokens=4, temperature=0, logprobs=0,
+                        logit_bias={str(forced): 5}, presence_penalty=2.0, frequency_penalty=2.0)
+        assert len(body["choices"][0]["logprobs"]["tokens"]) == 4
+
+
+def test_min_tokens_and_eos(checkpoint):
+    model_dir = checkpoint("llama")
+    eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    with local_app(model_dir, THREE) as (client, _, _):
+        # EOS pushed to the top: it ends the text at once, unless min_tokens or ignore_eos hold it off
+        bias = {str(eos): 100}
+        body = complete(client, prompt="the", max_tokens=8, temperature=0, logit_bias=bias)
+        assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 1
+        body = complete(client, prompt="the", max_tokens=8, temperature=0, logit_bias=bias, min_tokens=5)
+        assert body["usage"]["completion_tokens"] == 6
+        body = complete(client, prompt="the", max_tokens=8, temperature=0, logit_bias=bias, ignore_eos=True)
+        assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_echo_logprobs_and_max_tokens_zero(checkpoint):
+    model_dir = checkpoint("gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = "music of the river"
+    prompt_ids = tokenizer(prompt).input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    logprobs = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0], dim=-1)
+    expected = [logprobs[i, prompt_ids[i + 1]].item() for i in range(len(prompt_ids) - 1)]
+    with local_app(model_dir, THREE, max_prefill_tokens=3) as (client, _, _):
+        body = complete(client, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+        choice = body["choices"][0]
+        assert choice["text"] == prompt and body["usage"]["completion_tokens"] == 0
+        assert choice["logprobs"]["token_logprobs"][0] is None
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+        assert body["usage"]["prompt_tokens"] == len(prompt_ids)
+        plain = complete(client, prompt=prompt, max_tokens=0, echo=True)
+        assert plain["choices"][0]["text"] == prompt
+
+
+def test_n_best_of_and_prompt_lists(checkpoint):
+    model_dir = checkpoint("llama")
+    with local_app(model_dir, THREE) as (client, _, _):
+        body = complete(client, prompt=["the", "a city"], max_tokens=3, n=2, temperature=1.0, seed=1, logprobs=0)
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+        assert body["usage"]["completion_tokens"] == sum(len(c["logprobs"]["tokens"]) for c in body["choices"])
+        body = complete(client, prompt=[[5, 6, 7], [8, 9]], max_tokens=2, temperature=0)
+        assert len(body["choices"]) == 2 and body["usage"]["prompt_tokens"] == 5
+        best = complete(client, prompt="the", max_tokens=4, n=1, best_of=3, temperature=1.0, seed=2, logprobs=0)
+        assert len(best["choices"]) == 1
+
+
+def test_errors_keep_the_server_serving(checkpoint):
+    model_dir = checkpoint("llama")
+    with local_app(model_dir, THREE, max_model_len=64) as (client, _, _):
+        r = client.post("/v1/completions", json={"model": "other", "prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        r = client.post("/v1/completions", json={"model": "model", "prompt": [10**6]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        r = client.post("/v1/completions", json={"model": "model", "prompt": "the " * 10, "max_tokens": 60})
+        assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
+        assert r.status_code == 400
+        r = client.get("/v1/completions")
+        assert r.status_code == 405
+        assert complete(client, prompt="the", max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+def test_overload_gives_503_with_retry_after(checkpoint):
+    model_dir = checkpoint("llama")
+    with local_app(model_dir, THREE, max_batch_size=1, max_queued_requests=0) as (client, engine, _):
+        statuses = []
+
+        def run():
+            r = client.post("/v1/completions", json={"model": "model", "prompt": "the", "max_tokens": 40,
+                                                     "ignore_eos": True})
+            statuses.append((r.status_code, r.headers.get("retry-after"), r.json()))
+
+        threads = [threading.Thread(target=run) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(s for s, _, _ in statuses)
+        assert codes[0] == 200 and 503 in codes
+        assert all(retry for s, retry, _ in statuses if s == 503)
+        assert all(body["error"]["type"] for s, _, body in statuses if s == 503)
+
+
+def test_client_disconnect_frees_the_slot(checkpoint):
+    model_dir = checkpoint("llama")
+    with local_app(model_dir, THREE, max_batch_size=2) as (client, engine, _):
+        for _ in range(5):
+            with client.stream("POST", "/v1/completions", json={"model": "model", "prompt": "the", "stream": True,
+                                                                "max_tokens": 400, "ignore_eos": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        break  # leave after the first token
+        for _ in range(100):
+            if engine.num_running == 0:
+                break
+            threading.Event().wait(0.05)
+        assert engine.num_running == 0 and engine.num_free_slots == 2
