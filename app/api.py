@@ -33,7 +33,7 @@ def create_app(engine: Engine, model: ModelInfo) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "running": engine.num_running, "waiting": len(engine.waiting)}
+        return {"status": "ok", "running": engine.num_running, "waiting": len(engine.waiting), **engine.stats}
 
     @app.get("/v1/models")
     async def models() -> ModelList:

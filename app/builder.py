@@ -30,6 +30,7 @@ class BuilderArgs(BaseModel):
     step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
     stage_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per stage replica")
     stage_num_threads: int | None = Field(None, ge=1, description="torch threads per stage; default: all cores")
+    stage_parallel_min_tokens: int = Field(64, ge=1, description="smaller steps run on one thread")
     stage_num_gpus: float | None = Field(None, ge=0, description="GPUs per stage; default 1 if any")
 
     @field_validator("num_stages", mode="before")
@@ -96,13 +97,19 @@ def build_app(args: BuilderArgs):
     stages = []
     for index, (start, end) in enumerate(ranges):
         options = {"num_cpus": args.stage_num_cpus, "num_gpus": num_gpus,
-                   "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
+                   # A short OpenMP spin: threads still spin between the ops of a step, but an idle
+                   # stage stops spinning soon instead of stealing the core the next stage needs.
+                   "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads),
+                                                "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}}}
         deployment = serve.deployment(StageDeployment, name=f"Stage{index}", ray_actor_options=options,
                                       health_check_period_s=5, health_check_timeout_s=30)
         stages.append(deployment.bind(model_dir, index, start, end, dtype=args.dtype,
                                       max_batch_size=args.max_batch_size, max_model_len=config.max_model_len,
-                                      num_threads=threads))
-    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", ray_actor_options={"num_cpus": 0})
+                                      num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens))
+    # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues
+    # (and answers 503 past max_queued_requests) itself.
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=args.max_batch_size + args.max_queued_requests + 64)
     return ingress.bind(stages, model_dir, served_name, config)
 
 

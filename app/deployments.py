@@ -55,11 +55,13 @@ class StageDeployment:
         dtype: weights and activations dtype.
         max_batch_size: KV cache slots (sequences open at once).
         max_model_len: longest sequence.
-        num_threads: torch threads for this stage's compute (None: torch's default).
+        num_threads: torch threads for large steps (None: torch's default).
+        parallel_min_tokens: steps with fewer tokens run on one thread (see `StageServer`).
     """
 
     def __init__(self, model_dir: str, index: int, start: int, end: int, *, dtype: str = "float32",
-                 max_batch_size: int = 16, max_model_len: int = 2048, num_threads: int | None = None):
+                 max_batch_size: int = 16, max_model_len: int = 2048, num_threads: int | None = None,
+                 parallel_min_tokens: int = 64):
         import ray
 
         if num_threads:
@@ -70,7 +72,8 @@ class StageDeployment:
         self.index = index
         self.stage = Stage(model_dir, start, end, dtype=dtype, device=device, num_slots=max_batch_size,
                            max_len=max_model_len)
-        self.server = StageServer(self.stage, host=_node_ip())
+        self.server = StageServer(self.stage, host=_node_ip(), num_threads=num_threads,
+                                  parallel_min_tokens=parallel_min_tokens)
         logger.info("Stage%d: %.1f MiB of weights loaded; data plane at %s", index,
                     self.stage.weight_bytes() / 2**20, self.server.address)
 

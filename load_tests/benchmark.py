@@ -1,0 +1,161 @@
+"""Throughput benchmark: stagewise through `serve run` against transformers, in the same run.
+
+    python load_tests/benchmark.py [--num-stages 2] [--rounds 3] [--extra key=value ...]
+
+Builds the 125M Llama (12 layers, hidden 768, intermediate 2048, 12 heads, 4 KV heads, vocab
+32000, float32, random weights), serves it through `serve run`, and in alternating rounds
+compares, end to end over HTTP at the client:
+  (a) one stream of 64 tokens (ignore_eos) against transformers `generate()` at batch 1;
+  (b) 16 concurrent streams of 64 tokens against a transformers static batch of the same 16
+      prompts, left-padded;
+  (c) time to first token for a 256-token prompt against `generate(max_new_tokens=1)`.
+Prompts of (a) and (b) are 24 tokens. The baseline runs warm, with torch's default threads,
+while the server is idle. Prints the median of the rounds and the ratios (>1: stagewise faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from tests.checkpoints import build_llama_125m, corpus  # noqa: E402
+from tests.serving import ServeRun  # noqa: E402
+
+NEW_TOKENS = 64
+PROMPT_TOKENS = 24
+LONG_PROMPT_TOKENS = 256
+NUM_STREAMS = 16
+
+
+def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` distinct prompts of exactly `length` token ids."""
+    out, lines = [], iter(corpus(4000, seed=1))
+    while len(out) < count:
+        ids: list[int] = []
+        while len(ids) < length:
+            ids += tokenizer(" " + next(lines)).input_ids
+        out.append(ids[:length])
+    return out
+
+
+def stream_request(url: str, model: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+    """One streamed completion; returns (seconds to first token, seconds in all, tokens)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    began = time.perf_counter()
+    first, tokens = None, 0
+    with urllib.request.urlopen(request, timeout=600) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and first is None:
+                first = time.perf_counter() - began
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return first, time.perf_counter() - began, tokens
+
+
+def server_single(url, model, prompt) -> float:
+    _, seconds, tokens = stream_request(url, model, prompt, NEW_TOKENS)
+    assert tokens == NEW_TOKENS
+    return tokens / seconds
+
+
+def server_concurrent(url, model, batch) -> float:
+    results = [None] * len(batch)
+
+    def run(i):
+        results[i] = stream_request(url, model, batch[i], NEW_TOKENS)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batch))]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - began
+    assert all(r[2] == NEW_TOKENS for r in results)
+    return sum(r[2] for r in results) / seconds
+
+
+def server_ttft(url, model, prompt) -> float:
+    first, _, _ = stream_request(url, model, prompt, 1)
+    return first
+
+
+def hf_generate(model, tokenizer, batch: list[list[int]], new_tokens: int) -> float:
+    """Seconds for transformers to generate `new_tokens` for the left-padded batch."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    began = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=pad)
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint directory (default: build the 125M Llama)")
+    parser.add_argument("--num-stages", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--extra", nargs="*", default=[], help="more builder args, key=value")
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    args = parser.parse_args()
+    model_dir = args.model or build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    short = prompts(tokenizer, NUM_STREAMS, PROMPT_TOKENS)
+    long = prompts(tokenizer, 1, LONG_PROMPT_TOKENS)[0]
+    builder = {"model": model_dir, "num_stages": args.num_stages, "max_model_len": 1024}
+    builder.update(dict(kv.split("=", 1) for kv in args.extra))
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf_generate(model, tokenizer, short[:1], 4)  # warm
+    hf_generate(model, tokenizer, short, 4)
+    results: dict[str, list[float]] = {k: [] for k in ("hf_single", "sw_single", "hf_batch", "sw_batch",
+                                                       "hf_ttft", "sw_ttft")}
+    with ServeRun(builder) as server:
+        url, name = server.url, server.model
+        server_single(url, name, short[0])  # warm
+        server_concurrent(url, name, short)
+        for round_ in range(args.rounds):
+            results["hf_single"].append(NEW_TOKENS / hf_generate(model, tokenizer, short[:1], NEW_TOKENS))
+            results["sw_single"].append(server_single(url, name, short[0]))
+            results["hf_batch"].append(NUM_STREAMS * NEW_TOKENS / hf_generate(model, tokenizer, short, NEW_TOKENS))
+            results["sw_batch"].append(server_concurrent(url, name, short))
+            results["hf_ttft"].append(hf_generate(model, tokenizer, [long], 1))
+            results["sw_ttft"].append(server_ttft(url, name, long))
+            print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in results.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\nstagewise, {args.num_stages} stages via serve run, vs transformers generate() "
+          f"(median of {args.rounds} rounds, torch threads {torch.get_num_threads()}):")
+    print(f"(a) 1 stream x {NEW_TOKENS} tokens:   stagewise {med['sw_single']:7.1f} tok/s, "
+          f"transformers {med['hf_single']:7.1f} tok/s, ratio {med['sw_single'] / med['hf_single']:.2f}x")
+    print(f"(b) {NUM_STREAMS} streams x {NEW_TOKENS} tokens: stagewise {med['sw_batch']:7.1f} tok/s, "
+          f"transformers {med['hf_batch']:7.1f} tok/s, ratio {med['sw_batch'] / med['hf_batch']:.2f}x")
+    print(f"(c) TTFT, {LONG_PROMPT_TOKENS}-token prompt: stagewise {med['sw_ttft'] * 1000:7.1f} ms,  "
+          f"transformers {med['hf_ttft'] * 1000:7.1f} ms,  ratio {med['hf_ttft'] / med['sw_ttft']:.2f}x")
+    if args.json:
+        print(json.dumps({"median": med, "rounds": results, "builder": builder}))
+
+
+if __name__ == "__main__":
+    main()
