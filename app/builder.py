@@ -21,7 +21,11 @@ class BuilderArgs(BaseModel):
     model: str | None = Field(None, description="checkpoint directory; default: SmolLM2-135M-Instruct")
     served_model_name: str | None = Field(None, description="model id; default: the directory's name")
     num_stages: Union[int, Literal["auto"]] = Field(2, description="stages, or auto (the planner decides)")
+    cluster: str | None = Field(None, description="cluster file to plan for (checked against the live one)")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    plan_reserve_fraction: float = Field(0.05, ge=0, lt=1, description="planner: share of a device kept free")
+    plan_kv_tokens: int = Field(4096, ge=0, description="planner: KV cache tokens each stage keeps room for")
     max_batch_size: int = Field(16, ge=1, le=1024, description="sequences open at once (KV cache slots)")
     max_model_len: int | None = Field(None, ge=16, description="prompt + output; default min(model, 4096)")
     max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens per step (chunked prefill)")
@@ -53,14 +57,43 @@ def resolve_model(args: BuilderArgs) -> tuple[str, str]:
     return model_dir, args.served_model_name or os.path.basename(model_dir.rstrip("/"))
 
 
-def stage_ranges(model_dir: str, args: BuilderArgs) -> list[tuple[int, int]]:
-    """Block ranges of the stages: an even split by bytes for a fixed `num_stages`."""
-    from placement import ModelSpec, split_even
+def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict]]:
+    """Block ranges of the stages, each with the `ray_actor_options` that place it.
 
-    spec = ModelSpec.from_model_dir(model_dir, dtype=args.dtype)
-    if args.num_stages == "auto":
-        raise ValueError("num_stages: auto needs the placement planner, which is not wired in yet")
-    return split_even(spec, args.num_stages)
+    A fixed `num_stages` splits the blocks evenly by bytes and leaves placement to Ray. With
+    `num_stages: auto` (or a `cluster` file) the planner picks the ranges and a device for each,
+    from the live Ray cluster (or the file, checked against the live cluster), and every stage
+    is pinned to its node.
+    """
+    import placement
+
+    quantization = None if args.quantization == "none" else args.quantization
+    spec = placement.ModelSpec.from_model_dir(model_dir, dtype=args.dtype, quantization=quantization)
+    if args.num_stages != "auto" and args.cluster is None:
+        return [(start, end, {}) for start, end in placement.split_even(spec, args.num_stages)]
+
+    import ray
+
+    from app.cluster import check_matches, live_nodes, stage_options
+
+    if not ray.is_initialized():
+        ray.init(address="auto")
+    live = live_nodes(ray.nodes())
+    if args.cluster is not None:
+        described = placement.load_cluster(args.cluster)
+        check_matches(described, live)
+    else:
+        described = placement.ClusterSpec(tuple(node for node, _ in live.values()))
+    plan = placement.plan(spec, described, reserve_fraction=args.plan_reserve_fraction,
+                          kv_tokens=args.plan_kv_tokens)
+    if args.num_stages != "auto" and plan.num_stages != args.num_stages:
+        logger.warning("stagewise: the plan for %s has %d stages, not %d", args.cluster, plan.num_stages,
+                       args.num_stages)
+    node_ids = {name: node_id for name, (_, node_id) in live.items()}
+    for stage in plan.stages:
+        logger.info("stagewise: blocks [%d, %d) on %s (%.2f GiB of weights)", stage.start, stage.end,
+                    stage.device, stage.weight_bytes / 2**30)
+    return [(stage.start, stage.end, stage_options(stage, node_ids)) for stage in plan.stages]
 
 
 def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
@@ -88,15 +121,17 @@ def build_app(args: BuilderArgs):
 
     if isinstance(args, dict):
         args = BuilderArgs(**args)
+    if args.quantization != "none":
+        raise ValueError("quantization: stages do not quantize yet")
     model_dir, served_name = resolve_model(args)
-    ranges = stage_ranges(model_dir, args)
+    planned = plan_stages(model_dir, args)
     config = engine_config(model_dir, args)
-    num_gpus = args.stage_num_gpus if args.stage_num_gpus is not None else _default_gpus_per_stage(len(ranges))
+    num_gpus = args.stage_num_gpus if args.stage_num_gpus is not None else _default_gpus_per_stage(len(planned))
     threads = args.stage_num_threads or os.cpu_count() or 1
-    logger.info("stagewise: %s in %d stages %s", served_name, len(ranges), ranges)
+    logger.info("stagewise: %s in %d stages %s", served_name, len(planned), [(s, e) for s, e, _ in planned])
     stages = []
-    for index, (start, end) in enumerate(ranges):
-        options = {"num_cpus": args.stage_num_cpus, "num_gpus": num_gpus,
+    for index, (start, end, placed) in enumerate(planned):
+        options = {"num_cpus": args.stage_num_cpus, "num_gpus": num_gpus, **placed,
                    # A short OpenMP spin: threads still spin between the ops of a step, but an idle
                    # stage stops spinning soon instead of stealing the core the next stage needs.
                    "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads),

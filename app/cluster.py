@@ -1,0 +1,84 @@
+"""The live Ray cluster as the planner sees it, and the options that pin a stage to its node.
+
+Each alive node becomes a `placement.NodeSpec`: its GPUs, its memory (Ray's `memory` resource
+for a CPU node; per GPU, the `gpu_memory_gb` custom resource or label), and its speed (the
+`tflops` custom resource or label; defaults below). A stage is pinned to its node with Ray's
+own `ray.io/node-id` label, which every node has and which stays unique when several nodes
+share one address (as `ray.cluster_utils.Cluster` nodes do).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from placement import GIB, ClusterSpec, NodeSpec
+
+logger = logging.getLogger("ray.serve")
+
+NODE_ID_LABEL = "ray.io/node-id"
+NAME_LABEL = "stagewise/name"
+# Used when a node does not say how fast it is: a CPU node and a mid-range GPU.
+DEFAULT_CPU_TFLOPS = 1.0
+DEFAULT_GPU_TFLOPS = 50.0
+DEFAULT_GPU_MEMORY_GB = 16.0
+_STANDARD = ("CPU", "GPU", "memory", "object_store_memory", "tflops", "gpu_memory_gb")
+
+
+def _node_name(node: dict) -> str:
+    """A readable, stable name: the `stagewise/name` label, else the node's own custom resource
+    (e.g. `node_a: 1`), else its node id."""
+    labels = node.get("Labels") or {}
+    if NAME_LABEL in labels:
+        return labels[NAME_LABEL]
+    custom = sorted(k for k in node["Resources"] if k not in _STANDARD and ":" not in k)
+    return custom[0] if custom else node["NodeID"][:12]
+
+
+def _number(node: dict, key: str) -> float | None:
+    if key in node["Resources"]:
+        return float(node["Resources"][key])
+    label = (node.get("Labels") or {}).get(key)
+    return float(label) if label is not None else None
+
+
+def live_nodes(nodes: list[dict]) -> dict[str, tuple[NodeSpec, str]]:
+    """Planner nodes of a live cluster.
+
+    Args:
+        nodes: `ray.nodes()`.
+
+    Returns:
+        name -> (NodeSpec, node id), for every alive node.
+    """
+    out = {}
+    for node in sorted((n for n in nodes if n.get("Alive")), key=lambda n: n["NodeID"]):
+        gpus = int(node["Resources"].get("GPU", 0))
+        if gpus:
+            memory_gb = _number(node, "gpu_memory_gb") or DEFAULT_GPU_MEMORY_GB
+            tflops = _number(node, "tflops") or DEFAULT_GPU_TFLOPS
+        else:
+            memory_gb = node["Resources"].get("memory", 0) / GIB
+            tflops = _number(node, "tflops") or DEFAULT_CPU_TFLOPS
+        name = _node_name(node)
+        if name in out:
+            name = f"{name}-{node['NodeID'][:8]}"
+        out[name] = (NodeSpec(name=name, gpus=gpus, memory_gb=memory_gb, tflops=tflops), node["NodeID"])
+    return out
+
+
+def check_matches(described: ClusterSpec, live: dict[str, tuple[NodeSpec, str]]) -> None:
+    """Raises ValueError naming every node of the cluster file that the live cluster lacks."""
+    problems = []
+    for node in described.nodes:
+        if node.name not in live:
+            problems.append(f"node {node.name!r} is not in the live cluster (it has {sorted(live)})")
+        elif live[node.name][0].gpus < node.gpus:
+            problems.append(f"node {node.name!r} has {live[node.name][0].gpus} GPUs, the file says {node.gpus}")
+    if problems:
+        raise ValueError("cluster file does not match the live cluster: " + "; ".join(problems))
+
+
+def stage_options(stage, node_ids: dict[str, str]) -> dict:
+    """`ray_actor_options` that put a planned stage on its node (and GPU)."""
+    return {"num_gpus": 1 if stage.gpu is not None else 0,
+            "label_selector": {NODE_ID_LABEL: node_ids[stage.node]}}
