@@ -133,7 +133,7 @@ class Ingress:
         while True:
             try:
                 infos = await asyncio.wait_for(
-                    asyncio.gather(*(stage.info.remote() for stage in self.stages)), timeout=30)
+                    asyncio.gather(*(stage.info.remote() for stage in self.stages)), timeout=5)
                 self.pipeline.set_route([info["address"] for info in infos])
                 return
             except Exception as exc:  # noqa: BLE001 - a replica being replaced fails in many ways
