@@ -35,8 +35,9 @@ class BuilderArgs(BaseModel):
     stage_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per stage replica")
     stage_num_threads: int | None = Field(None, ge=1, description="torch threads per stage; default: all cores")
     stage_parallel_min_tokens: int = Field(64, ge=1, description="smaller steps run on one thread")
-    health_check_period_s: float = Field(5.0, gt=0, description="Serve health checks of each stage")
-    health_check_timeout_s: float = Field(15.0, gt=0, description="a stage silent this long is replaced")
+    # Serve replaces a replica after 3 health checks in a row fail: a hung stage goes in ~3 x timeout.
+    health_check_period_s: float = Field(2.0, gt=0, description="Serve health checks of each stage")
+    health_check_timeout_s: float = Field(5.0, gt=0, description="a health check slower than this fails")
     stage_num_gpus: float | None = Field(None, ge=0, description="GPUs per stage; default 1 if any")
 
     @field_validator("num_stages", mode="before")
@@ -140,7 +141,10 @@ def build_app(args: BuilderArgs):
                                                 "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}}}
         deployment = serve.deployment(StageDeployment, name=f"Stage{index}", ray_actor_options=options,
                                       health_check_period_s=args.health_check_period_s,
-                                      health_check_timeout_s=args.health_check_timeout_s)
+                                      health_check_timeout_s=args.health_check_timeout_s,
+                                      # a stage has nothing to drain through Serve: its steps are
+                                      # replayed by the ingress, so a hung one goes down at once
+                                      graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5)
         stages.append(deployment.bind(model_dir, index, start, end, dtype=args.dtype,
                                       max_batch_size=args.max_batch_size, max_model_len=config.max_model_len,
                                       num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens))

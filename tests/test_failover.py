@@ -76,8 +76,7 @@ def disturbed(server: ServeRun, stage: str, sig: int, after_s: float = 2.5):
 @pytest.fixture(scope="module")
 def server():
     model_dir = build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
-    args = {"model": model_dir, "num_stages": 2, "max_model_len": 512, "step_timeout_s": 5,
-            "health_check_period_s": 2, "health_check_timeout_s": 8}
+    args = {"model": model_dir, "num_stages": 2, "max_model_len": 512, "step_timeout_s": 5}
     with ServeRun(args) as server:
         yield server
 
