@@ -2,14 +2,18 @@
 
 A `Stage` builds the whole model's module tree on the meta device (no memory), keeps the blocks
 `[start, end)` (plus the embeddings on stage 0, the final norm and LM head on the last stage),
-and fills only those from the checkpoint. Its forward runs transformers' own block modules over
-a batch of rows of different lengths, against its preallocated `KVCache`.
+and fills only those from the checkpoint, one tensor at a time. Its forward runs transformers' own
+block modules over a batch of rows of different lengths, against its preallocated `KVCache`.
+
+With `quantization="int8"` or `"nf4"` the weight matrices of its blocks are quantized with
+bitsandbytes as each is read (see `stages.quantize`), never the whole range in float first.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import init_empty_weights
@@ -19,7 +23,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from stages.architecture import Architecture, describe
 from stages.kv_cache import KVCache, StepRows
-from stages.loading import checkpoint_names, load_tensors, weight_map
+from stages.loading import checkpoint_layout, convert, iter_converted_slices, iter_tensors, load_tensors, weight_map
+from stages.quantize import normalize_quantization
+
+if TYPE_CHECKING:
+    from stages.quantize import Quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +58,14 @@ class Stage(nn.Module):
         device: where the weights and cache live ("cpu", "cuda", ...).
         num_slots: sequences that can be open at once (cache slots).
         max_len: longest sequence, prompt + output, in tokens; defaults to the model's limit.
+        quantization: None/"none" keeps every weight at `dtype`; "int8" or "nf4" quantizes the
+            weight matrices of the blocks with bitsandbytes, as transformers'
+            `BitsAndBytesConfig` does (embeddings, norms and head stay at `dtype`).
     """
 
     def __init__(self, model_dir: str, start: int, end: int, *, dtype: str | torch.dtype = "float32",
-                 device: str | torch.device = "cpu", num_slots: int = 16, max_len: int | None = None):
+                 device: str | torch.device = "cpu", num_slots: int = 16, max_len: int | None = None,
+                 quantization: str | None = None):
         super().__init__()
         began = time.monotonic()
         self.config = AutoConfig.from_pretrained(model_dir)
@@ -63,6 +75,7 @@ class Stage(nn.Module):
         self.start, self.end = start, end
         self.is_first, self.is_last = start == 0, end == num_layers
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
+        self.quantization = normalize_quantization(quantization)
 
         # Buffers stay real (include_buffers=False): rotary frequencies and the like are computed
         # in __init__ and are not in checkpoints.
@@ -103,29 +116,64 @@ class Stage(nn.Module):
 
     def _load(self, model_dir: str, model: nn.Module, owned: dict[str, nn.Module]) -> None:
         files = weight_map(model_dir)
-        stored = checkpoint_names(model, files)
+        layout = checkpoint_layout(model, files)
+        quantizer = None
+        if self.quantization:
+            from stages.quantize import Quantizer  # bitsandbytes only when asked for
+
+            blocks = [name for name in owned if name.startswith(f"{self.arch.layers}.")]
+            quantizer = Quantizer(model, blocks, self.quantization, self.dtype, self.device)
         wanted: dict[str, str] = {}
+        conversions = {}
         for prefix, module in owned.items():
             for local, tensor in list(module.named_parameters()) + list(module.named_buffers()):
                 name = f"{prefix}.{local}"
-                if name in stored:
-                    wanted[name] = stored[name]
+                if name in layout.names:
+                    wanted[name] = layout.names[name]
+                elif name in layout.conversions:  # one conversion may fill several tensors
+                    conversions[layout.conversions[name].target] = layout.conversions[name]
                 elif prefix == self.arch.head and self.arch.tied:
                     if not self.is_first:  # stage 0 re-ties its head to the embedding it loads
-                        wanted[name] = stored[f"{self.arch.embed}.{local}"]  # tied: stored once
+                        wanted[name] = layout.names[f"{self.arch.embed}.{local}"]  # tied: stored once
                 elif tensor.device.type == "meta":
                     raise ValueError(f"{model_dir}: tensor {name} is missing from the checkpoint")
-        tensors = load_tensors(model_dir, wanted, files)
-        for name, tensor in tensors.items():
-            value_dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-            set_module_tensor_to_device(model, name, "cpu", value=tensor.to(value_dtype))
+        # One tensor at a time: each is cast or quantized and its checkpoint copy dropped.
+        for name, tensor in iter_tensors(model_dir, wanted, files, release_each=quantizer is not None):
+            self._place(model, name, tensor, quantizer)
+        for name, conversion in conversions.items():
+            if quantizer is not None and quantizer.handles(name) and conversion.num_slices:
+                storage = quantizer.experts_storage(model, name)  # expert by expert, never all in float
+                for index, value in iter_converted_slices(model_dir, conversion, files, model, self.dtype):
+                    storage.set(index, value)
+                continue
+            stored = load_tensors(model_dir, {key: key for key in conversion.keys}, files)
+            for target, value in convert(conversion, stored, model, self.dtype).items():
+                self._place(model, target, value, quantizer)
         if self.is_last and self.is_first and self.arch.tied:
             owned[self.arch.head].weight = owned[self.arch.embed].weight
 
+    def _place(self, model: nn.Module, name: str, value: torch.Tensor, quantizer: Quantizer | None) -> None:
+        if quantizer is not None and quantizer.handles(name):
+            quantizer.load(model, name, value)
+            return
+        value_dtype = self.dtype if value.is_floating_point() else value.dtype
+        set_module_tensor_to_device(model, name, "cpu", value=value.to(value_dtype))
+
     def weight_bytes(self) -> int:
-        """Bytes of the parameters and buffers this stage holds (the cache excluded)."""
+        """Bytes of the weights this stage holds (the cache excluded).
+
+        Parameters and buffers, each tensor once; quantized layers also hold statistics that are
+        neither: int8 scales per output row, nf4 absmax per 64 weights and a 16-entry code table.
+        On CPUs with AVX512-BF16, bitsandbytes repacks an nf4 layer at its first forward and
+        keeps its absmax in bfloat16 from then on, so the count drops by 2 bytes per 64 weights.
+        """
+        tensors = [*self.parameters(), *self.buffers()]
+        if self.quantization:
+            from stages.quantize import statistics
+
+            tensors += statistics(self)
         seen, total = set(), 0
-        for tensor in list(self.parameters()) + list(self.buffers()):
+        for tensor in tensors:
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 total += tensor.numel() * tensor.element_size()
