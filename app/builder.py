@@ -23,7 +23,9 @@ class BuilderArgs(BaseModel):
     num_stages: Union[int, Literal["auto"]] = Field(2, description="stages, or auto (the planner decides)")
     cluster: str | None = Field(None, description="cluster file to plan for (checked against the live one)")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    quantization: Literal["none", "int8", "nf4"] = "none"
+    quantization: Literal["none", "int8", "nf4"] = Field("none", description="bitsandbytes, every stage")
+    stage_quantization: list[Literal["none", "int8", "nf4"]] | None = Field(
+        None, description="per stage, overriding quantization (e.g. [nf4, none])")
     plan_reserve_fraction: float = Field(0.05, ge=0, lt=1, description="planner: share of a device kept free")
     plan_kv_tokens: int = Field(4096, ge=0, description="planner: KV cache tokens each stage keeps room for")
     max_batch_size: int = Field(16, ge=1, le=1024, description="sequences open at once (KV cache slots)")
@@ -124,21 +126,24 @@ def build_app(args: BuilderArgs):
 
     if isinstance(args, dict):
         args = BuilderArgs(**args)
-    if args.quantization != "none":
-        raise ValueError("quantization: stages do not quantize yet")
     model_dir, served_name = resolve_model(args)
     planned = plan_stages(model_dir, args)
     config = engine_config(model_dir, args)
     num_gpus = args.stage_num_gpus if args.stage_num_gpus is not None else _default_gpus_per_stage(len(planned))
     threads = args.stage_num_threads or os.cpu_count() or 1
     logger.info("stagewise: %s in %d stages %s", served_name, len(planned), [(s, e) for s, e, _ in planned])
+    quantizations = args.stage_quantization or [args.quantization] * len(planned)
+    if len(quantizations) != len(planned):
+        raise ValueError(f"stage_quantization has {len(quantizations)} entries for {len(planned)} stages")
     stages = []
     for index, (start, end, placed) in enumerate(planned):
         options = {"num_cpus": args.stage_num_cpus, "num_gpus": num_gpus, **placed,
                    # A short OpenMP spin: threads still spin between the ops of a step, but an idle
                    # stage stops spinning soon instead of stealing the core the next stage needs.
+                   # glibc keeps bitsandbytes' large temporaries unless they are mmapped.
                    "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads),
-                                                "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}}}
+                                                "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000"),
+                                                "MALLOC_MMAP_THRESHOLD_": "131072"}}}
         deployment = serve.deployment(StageDeployment, name=f"Stage{index}", ray_actor_options=options,
                                       health_check_period_s=args.health_check_period_s,
                                       health_check_timeout_s=args.health_check_timeout_s,
@@ -146,6 +151,7 @@ def build_app(args: BuilderArgs):
                                       # replayed by the ingress, so a hung one goes down at once
                                       graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5)
         stages.append(deployment.bind(model_dir, index, start, end, dtype=args.dtype,
+                                      quantization=quantizations[index],
                                       max_batch_size=args.max_batch_size, max_model_len=config.max_model_len,
                                       num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens))
     # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues

@@ -57,21 +57,24 @@ class StageDeployment:
         max_model_len: longest sequence.
         num_threads: torch threads for large steps (None: torch's default).
         parallel_min_tokens: steps with fewer tokens run on one thread (see `StageServer`).
+        quantization: "none", "int8" or "nf4" (bitsandbytes) for this stage's blocks.
     """
 
     def __init__(self, model_dir: str, index: int, start: int, end: int, *, dtype: str = "float32",
                  max_batch_size: int = 16, max_model_len: int = 2048, num_threads: int | None = None,
-                 parallel_min_tokens: int = 64):
+                 parallel_min_tokens: int = 64, quantization: str = "none"):
         import ray
 
         if num_threads:
             torch.set_num_threads(num_threads)
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        logger.info("Stage%d: loading blocks [%d, %d) of %s on %s (%s, %d threads)", index, start, end,
-                    model_dir, device, dtype, torch.get_num_threads())
+        logger.info("Stage%d: loading blocks [%d, %d) of %s on %s (%s, %s, %d threads)", index, start, end,
+                    model_dir, device, dtype, quantization, torch.get_num_threads())
+        if quantization != "none":
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns on every int8 forward
         self.index = index
         self.stage = Stage(model_dir, start, end, dtype=dtype, device=device, num_slots=max_batch_size,
-                           max_len=max_model_len)
+                           max_len=max_model_len, quantization=quantization)
         self.server = StageServer(self.stage, host=_node_ip(), num_threads=num_threads,
                                   parallel_min_tokens=parallel_min_tokens)
         logger.info("Stage%d: %.1f MiB of weights loaded; data plane at %s", index,
@@ -81,7 +84,8 @@ class StageDeployment:
         """Where this replica listens, and what it holds."""
         return {"index": self.index, "address": self.server.address, "start": self.stage.start,
                 "end": self.stage.end, "pid": os.getpid(), "weight_bytes": self.stage.weight_bytes(),
-                "device": str(self.stage.device), **process_memory()}
+                "device": str(self.stage.device), "quantization": self.stage.quantization or "none",
+                **process_memory()}
 
     def load(self) -> dict:
         """What the stage has done so far (steps, rows, busy seconds, queue)."""

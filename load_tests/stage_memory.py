@@ -35,7 +35,7 @@ class Bare:
         return process_memory()
 
 
-def measure(model_dir: str, num_stages: int) -> dict:
+def measure(model_dir: str, num_stages: int, quantization: str = "none") -> dict:
     import ray
     from ray import serve
 
@@ -48,7 +48,8 @@ def measure(model_dir: str, num_stages: int) -> dict:
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model": model_dir, "num_stages": num_stages, "max_model_len": 512}),
+        serve.run(build_app({"model": model_dir, "num_stages": num_stages, "max_model_len": 512,
+                             "quantization": quantization}),
                   name="stagewise", route_prefix="/")
         # Serve a request first: weights are resident once every block has run.
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", headers={
@@ -63,6 +64,7 @@ def measure(model_dir: str, num_stages: int) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
+    # shares are of the unquantized float32 model: what a stage would hold without quantization
     model_bytes = ModelSpec.from_model_dir(model_dir, dtype="float32").total_weight_bytes
     over = [s["peak_rss_bytes"] - bare["peak_rss_bytes"] for s in stages]
     return {"model_bytes": model_bytes, "bare_peak_rss_bytes": bare["peak_rss_bytes"],
@@ -75,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (default: build the 125M Llama)")
     parser.add_argument("--num-stages", type=int, default=4)
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "nf4"])
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     model_dir = args.model
@@ -82,12 +85,12 @@ def main() -> None:
         from tests.checkpoints import build_llama_125m
 
         model_dir = build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
-    result = measure(model_dir, args.num_stages)
+    result = measure(model_dir, args.num_stages, args.quantization)
     if args.json:
         print(json.dumps(result))
         return
     mib = 2**20
-    print(f"model {result['model_bytes'] / mib:.0f} MiB; bare replica peak {result['bare_peak_rss_bytes'] / mib:.0f} MiB")
+    print(f"{args.quantization}: float32 model {result['model_bytes'] / mib:.0f} MiB; bare replica peak {result['bare_peak_rss_bytes'] / mib:.0f} MiB")
     for s in result["stages"]:
         print(f"Stage{s['index']} blocks {s['blocks']}: weights {s['weight_bytes'] / mib:.0f} MiB, "
               f"peak over bare {s['over_bare_bytes'] / mib:.0f} MiB ({s['over_bare_bytes'] / result['model_bytes']:.2f}x model)")

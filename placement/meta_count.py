@@ -154,6 +154,7 @@ def _add(counts: dict, part: Any, tensor: Any, is_param: bool, matrix: bool, row
         entry["matrix_rows"] = entry.get("matrix_rows", 0) + rows
         groups = -(-numel // NF4_BLOCKSIZE)
         entry["matrix_groups"] = entry.get("matrix_groups", 0) + groups
+        entry["matrix_count"] = entry.get("matrix_count", 0) + 1
     elif tensor.is_floating_point():
         entry["float_numel"] = entry.get("float_numel", 0) + numel
     else:

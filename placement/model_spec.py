@@ -24,6 +24,7 @@ DTYPE_BYTES: Mapping[str, int] = types.MappingProxyType(
 )
 QUANTIZATIONS = ("int8", "nf4")
 NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit blocksize; one float32 absmax per block, no double quant
+NF4_CODE_BYTES = 64  # bnb's nf4 quant state holds the 16 float32 code values per tensor
 SCALE_BYTES = 4  # int8 keeps a float32 scale per output row, nf4 a float32 absmax per block
 
 
@@ -66,6 +67,7 @@ class PartTally:
     matrix_rows: int = 0  # output rows of those matrices: int8 keeps one scale per row
     matrix_groups: int = 0  # NF4_BLOCKSIZE-element groups of those: nf4 keeps one absmax each
     fixed_bytes: int = 0  # non-floating persistent buffers, stored as they are
+    matrix_count: int = 0  # quantized tensors: nf4 keeps a 16-entry float32 code table with each
 
     def nbytes(self, dtype: str, quantization: str | None) -> int:
         """Bytes this part holds at `dtype` with `quantization` (None, "int8" or "nf4")."""
@@ -75,7 +77,8 @@ class PartTally:
         elif quantization == "int8":  # bnb Int8Params: int8 data + float32 SCB per row
             matrix_bytes = self.matrix_numel + SCALE_BYTES * self.matrix_rows
         elif quantization == "nf4":  # bnb Params4bit: two weights a byte + float32 absmax per block
-            matrix_bytes = math.ceil(self.matrix_numel / 2) + SCALE_BYTES * self.matrix_groups
+            matrix_bytes = (math.ceil(self.matrix_numel / 2) + SCALE_BYTES * self.matrix_groups
+                            + NF4_CODE_BYTES * self.matrix_count)
         else:
             raise ValueError(f"unknown quantization {quantization!r}")
         return self.float_numel * dtype_bytes + matrix_bytes + self.fixed_bytes

@@ -57,9 +57,10 @@ def test_llama_bytes_per_dtype_and_quantization():
     # int8: 36864 weights x 1 byte + 512 row scales x 4 bytes + 128 norm elements x 2 bytes
     int8 = ModelSpec.from_config(TINY_LLAMA, quantization="int8")
     assert int8.block_bytes == (36864 + 2048 + 256,) * 2
-    # nf4: 36864 / 2 bytes + 576 blocks of 64 x 4 bytes + 256: embeddings and head unchanged
+    # nf4: 36864 / 2 bytes + 576 blocks of 64 x 4 bytes + 7 code tables of 64 bytes + 256:
+    # embeddings and head unchanged
     nf4 = ModelSpec.from_config(TINY_LLAMA, quantization="nf4")
-    assert nf4.block_bytes == (18432 + 2304 + 256,) * 2
+    assert nf4.block_bytes == (18432 + 2304 + 7 * 64 + 256,) * 2
     assert (nf4.embed_bytes, nf4.head_bytes, nf4.kv_bytes_per_token) == (12800, 12928, (128, 128))
     assert nf4.block_params == spec.block_params  # compute does not shrink
     assert spec.with_options(quantization="nf4") == nf4
@@ -85,14 +86,16 @@ def test_gpt2_conv1d_and_tied_embeddings():
 def test_mixtral_expert_parameters_are_quantized():
     # block: attention 12288 (192 rows), router 4x64 = 256 (stays at dtype), norms 128,
     #        experts.gate_up_proj 4x256x64 = 65536 (1024 rows), down_proj 4x64x128 = 32768
-    #        (256 rows) -> 110976 params, 110592 in matrices, 1472 rows, 1728 nf4 blocks
+    #        (256 rows) -> 110976 params, 110592 in matrices, 1472 rows, 1728 nf4 blocks,
+    #        6 quantized tensors (q, k, v, o, gate_up_proj, down_proj)
     tallies = ModelSpec.from_config(TINY_MIXTRAL).tallies
     assert tallies.blocks[0] == PartTally(
-        params=110976, float_numel=384, matrix_numel=110592, matrix_rows=1472, matrix_groups=1728
+        params=110976, float_numel=384, matrix_numel=110592, matrix_rows=1472, matrix_groups=1728,
+        matrix_count=6
     )
     assert ModelSpec.from_config(TINY_MIXTRAL).block_bytes[0] == 221952
     assert ModelSpec.from_config(TINY_MIXTRAL, quantization="int8").block_bytes[0] == 117248
-    assert ModelSpec.from_config(TINY_MIXTRAL, quantization="nf4").block_bytes[0] == 62976
+    assert ModelSpec.from_config(TINY_MIXTRAL, quantization="nf4").block_bytes[0] == 62976 + 6 * 64
 
 
 def test_qwen2_moe_shared_expert_and_biases():
