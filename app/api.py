@@ -54,7 +54,7 @@ def create_app(engine: Engine, model: ModelInfo) -> FastAPI:
         if body.stream:
             return StreamingResponse(_guarded_stream(completion), media_type="text/event-stream")
         try:
-            response = await completion.run()
+            response = await _unless_disconnected(request, completion.run())
         except PipelineError as exc:
             return error_response(503, str(exc), SERVICE_UNAVAILABLE, code="pipeline_unavailable")
         finally:
@@ -62,6 +62,20 @@ def create_app(engine: Engine, model: ModelInfo) -> FastAPI:
         return JSONResponse(response.model_dump())
 
     return app
+
+
+async def _unless_disconnected(request: Request, work, poll_s: float = 0.25):
+    """Awaits `work`, cancelling it if the client goes away first (the caller then aborts)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        task.cancel()
 
 
 async def _guarded_stream(completion: Completion):

@@ -16,11 +16,38 @@ from stages import Stage
 
 
 @contextmanager
-def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model", **engine_kwargs):
-    """Yields (TestClient, engine, stage servers) for the model split into `ranges`."""
+def http_server(app):
+    """Serves `app` with uvicorn on a free port in a thread; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextmanager
+def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model", http: bool = False,
+              quantizations: list[str] | None = None, **engine_kwargs):
+    """Yields (TestClient, engine, stage servers) for the model split into `ranges`; with `http`, a
+    real HTTP server's URL instead of the TestClient."""
     config = EngineConfig(**{"max_model_len": 512, **engine_kwargs})
-    servers = [StageServer(Stage(model_dir, start, end, num_slots=config.max_batch_size,
-                                 max_len=config.max_model_len)) for start, end in ranges]
+    quantizations = quantizations or ["none"] * len(ranges)
+    servers = [StageServer(Stage(model_dir, start, end, num_slots=config.max_batch_size, max_len=config.max_model_len,
+                                 quantization=q)) for (start, end), q in zip(ranges, quantizations)]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_config = AutoConfig.from_pretrained(model_dir)
     pipeline = PipelineClient()
@@ -29,8 +56,13 @@ def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model"
     info = ModelInfo(name=name, tokenizer=tokenizer, vocab_size=hf_config.vocab_size,
                      max_model_len=config.max_model_len, eos_token_ids=(hf_config.eos_token_id,))
     try:
-        with TestClient(create_app(engine, info)) as client:
-            yield client, engine, servers
+        app = create_app(engine, info)
+        if http:
+            with http_server(app) as url:
+                yield url, engine, servers
+        else:
+            with TestClient(app) as client:
+                yield client, engine, servers
     finally:
         pipeline.close()
         for server in servers:
