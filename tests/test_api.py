@@ -202,3 +202,51 @@ def test_client_disconnect_frees_the_slot(checkpoint):
                 break
             threading.Event().wait(0.05)
         assert engine.num_running == 0 and engine.num_free_slots == 2
+
+
+def test_64_concurrent_requests_bounded_by_the_limits(checkpoint):
+    model_dir = checkpoint("llama")
+    with local_app(model_dir, THREE, max_batch_size=16, max_model_len=128) as (client, engine, servers):
+        seen_running, done = [], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                seen_running.append(engine.num_running)
+                done.wait(0.01)
+
+        results = [None] * 64
+
+        def run(i):
+            results[i] = complete(client, prompt="the " * (1 + i % 7), max_tokens=8 + i % 24, ignore_eos=True)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+        watcher.join()
+        assert [r["usage"]["completion_tokens"] for r in results] == [8 + i % 24 for i in range(64)]
+        assert max(seen_running) <= 16 and engine.num_running == 0 and engine.num_free_slots == 16
+        for server in servers:  # the KV cache never outgrows slots x max_model_len
+            cache = server.stage.cache
+            per_token = 2 * cache.num_kv_heads * cache.head_dim * 4 * (cache.end - cache.start)
+            assert cache.nbytes() <= 16 * 128 * per_token
+
+
+def test_mixed_quantization_plan_serves(checkpoint):
+    """Stage 0 in nf4, stage 1 unquantized: served output equals the same stages chained by hand
+    (tests/test_quantization.py checks those against transformers)."""
+    from stages import Stage
+    from tests.test_stages import greedy
+
+    model_dir = checkpoint("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer("the quick brown fox").input_ids
+    chained = greedy([Stage(model_dir, 0, 3, quantization="nf4"), Stage(model_dir, 3, 6)], prompt_ids, 12)
+    with local_app(model_dir, [(0, 3), (3, 6)], quantizations=["nf4", "none"]) as (client, _, servers):
+        body = complete(client, prompt=prompt_ids, max_tokens=12, temperature=0, ignore_eos=True)
+        assert body["choices"][0]["text"] == tokenizer.decode(chained, clean_up_tokenization_spaces=False)
+        assert servers[0].stage.weight_bytes() < servers[1].stage.weight_bytes()
