@@ -27,20 +27,11 @@ import types
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("int8", "nf4")
+# One definition of the options and nf4's blocksize, shared with the planner that counts their bytes.
+from placement.model_spec import NF4_BLOCKSIZE, normalize_quantization  # noqa: F401 (re-exported)
+
 INT8_THRESHOLD = 6.0  # BitsAndBytesConfig's llm_int8_threshold default
-NF4_BLOCKSIZE = 64  # bitsandbytes' default blocksize, the one transformers uses for 4-bit
 CPU_PACK_ROWS = 32  # bitsandbytes' CPU nf4 repacking works on blocks of 32 output rows
-
-
-def normalize_quantization(quantization: str | None) -> str | None:
-    """Maps None/"none"/"" to None and checks "int8"/"nf4" (any case)."""
-    if quantization is None or str(quantization).lower() in ("", "none"):
-        return None
-    name = str(quantization).lower()
-    if name not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be none, int8 or nf4, got {quantization!r}")
-    return name
 
 
 class Quantizer:

@@ -22,6 +22,7 @@ from placement import ModelSpec
 from stages import Stage
 from stages.loading import weight_map
 from tests.checkpoints import build_llama_125m
+from tests.recording import record_reads
 from tests.test_stages import PROMPT, SPLITS, greedy, step
 
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt:UserWarning")
@@ -177,28 +178,9 @@ def test_weight_bytes_match_the_planner(checkpoint, arch, quantization):
 @pytest.mark.parametrize("quantization", [None, "nf4"])
 def test_moe_stage_reads_only_its_own_tensors(checkpoint, monkeypatch, quantization):
     model_dir = checkpoint("mixtral", max_shard_size="100KB", **MOE["mixtral"])
-    import stages.loading as loading
-
-    read: list[str] = []
-    real_safe_open = loading.safe_open
-
-    class Recording:
-        def __init__(self, path, framework):
-            self.inner = real_safe_open(path, framework=framework)
-
-        def __enter__(self):
-            self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.inner.get_tensor(key)
-
-    monkeypatch.setattr(loading, "safe_open", Recording)
+    opened = record_reads(monkeypatch)
     Stage(model_dir, 2, 4, quantization=quantization)
+    read = [key for keys in opened.values() for key in keys]
     assert read and all(key.startswith(("model.layers.2.", "model.layers.3.")) for key in read)
     assert len(read) == len(set(read))  # each stored tensor read once
     assert sum(".experts." in key for key in read) == 2 * 4 * 3  # blocks x experts x (w1, w2, w3)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from stages import Stage
 from stages.loading import weight_map
 from tests.checkpoints import ARCHITECTURES
+from tests.recording import record_reads
 
 PROMPT = "the quick brown fox jumps over the lazy dog in the city of Paris"
 SPLITS = {1: [(0, 6)], 2: [(0, 3), (3, 6)], 3: [(0, 2), (2, 4), (4, 6)]}
@@ -90,29 +91,7 @@ def test_batched_rows_of_different_lengths_match_each_alone(checkpoint, num_stag
 def test_stage_reads_only_its_own_tensors(checkpoint, monkeypatch):
     model_dir = checkpoint("llama", max_shard_size="100KB")
     files = weight_map(model_dir)
-    opened: dict[str, list[str]] = {}
-    import stages.loading as loading
-
-    real_safe_open = loading.safe_open
-
-    class Recording:
-        def __init__(self, path, framework):
-            self.inner = real_safe_open(path, framework=framework)
-            self.name = os.path.basename(path)
-            opened.setdefault(self.name, [])
-
-        def __enter__(self):
-            self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def get_tensor(self, key):
-            opened[self.name].append(key)
-            return self.inner.get_tensor(key)
-
-    monkeypatch.setattr(loading, "safe_open", Recording)
+    opened = record_reads(monkeypatch)
     stage = Stage(model_dir, 2, 4)
     read = [key for keys in opened.values() for key in keys]
     assert read and all(key.startswith(("model.layers.2.", "model.layers.3.")) for key in read)
