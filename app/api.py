@@ -18,18 +18,22 @@ from app.protocol import CompletionRequest, ModelCard, ModelList
 logger = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine, model: ModelInfo) -> FastAPI:
+def create_app(engine: Engine, model: ModelInfo, metrics=None) -> FastAPI:
     """Builds the app: `GET /v1/models`, `POST /v1/completions`, `GET /health`.
 
     Args:
         engine: schedules the sequences over the stages.
         model: the served model's name, tokenizer and limits.
+        metrics: has `request_finished(status)`, told the HTTP status of every completions
+            response, errors included (e.g. `app.metrics.IngressMetrics`; None: not counted).
 
     Returns:
         The FastAPI app (Serve wraps it as the ingress; tests use it directly).
     """
     app = FastAPI(title="stagewise", docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    if metrics is not None:
+        app.add_middleware(CountStatuses, metrics=metrics, path="/v1/completions")
 
     @app.get("/health")
     async def health() -> dict:
@@ -62,6 +66,38 @@ def create_app(engine: Engine, model: ModelInfo) -> FastAPI:
         return JSONResponse(response.model_dump())
 
     return app
+
+
+class CountStatuses:
+    """ASGI middleware: tells `metrics.request_finished(status)` how each request to `path` ended.
+
+    Counted when the response is over (a stream at its end). A request whose handler raised is a
+    500 (the outer error handler answers it); one whose client left before any answer is a 499,
+    nginx's "client closed request".
+    """
+
+    def __init__(self, app, metrics, path: str):
+        self.app, self.metrics, self.path = app, metrics, path
+
+    async def __call__(self, scope, receive, send):
+        # endswith: under a Serve route prefix the path may still carry the prefix
+        if scope["type"] != "http" or not scope["path"].endswith(self.path):
+            return await self.app(scope, receive, send)
+        status = None
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            self.metrics.request_finished(status or 499)
 
 
 async def _unless_disconnected(request: Request, work, poll_s: float = 0.25):

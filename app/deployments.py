@@ -17,6 +17,7 @@ import torch
 from app.api import create_app
 from app.completions import ModelInfo
 from app.engine import Engine, EngineConfig
+from app.metrics import IngressMetrics, StageMetrics
 from app.pipeline import PipelineClient
 from app.stage_server import StageServer
 from stages import Stage
@@ -76,7 +77,7 @@ class StageDeployment:
         self.stage = Stage(model_dir, start, end, dtype=dtype, device=device, num_slots=max_batch_size,
                            max_len=max_model_len, quantization=quantization)
         self.server = StageServer(self.stage, host=_node_ip(), num_threads=num_threads,
-                                  parallel_min_tokens=parallel_min_tokens)
+                                  parallel_min_tokens=parallel_min_tokens, metrics=StageMetrics(index))
         logger.info("Stage%d: %.1f MiB of weights loaded; data plane at %s", index,
                     self.stage.weight_bytes() / 2**20, self.server.address)
 
@@ -127,7 +128,8 @@ class Ingress:
         self.model = ModelInfo(name=served_name, tokenizer=tokenizer, vocab_size=config.vocab_size,
                                max_model_len=engine_config.max_model_len, eos_token_ids=eos_ids)
         self.pipeline = PipelineClient(host=_node_ip())
-        self.engine = Engine(self.pipeline, engine_config, recover=self.find_stages)
+        self.metrics = IngressMetrics(served_name)
+        self.engine = Engine(self.pipeline, engine_config, recover=self.find_stages, metrics=self.metrics)
         await self.find_stages()
         logger.info("Ingress: serving %s through %d stages: %s", served_name, len(stages), self.pipeline.route)
 
@@ -147,4 +149,4 @@ class Ingress:
                 await asyncio.sleep(1.0)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.engine, self.model)
+        return create_app(self.engine, self.model, metrics=self.metrics)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.metrics import IngressMetrics
 from app.pipeline import StepFailed
 from app.sampling import Choice, SamplingParams, sample
 
@@ -68,6 +69,7 @@ class Sequence:
     in_flight: bool = False
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -107,12 +109,16 @@ class Engine:
         config: the scheduler's limits.
         recover: awaited after a failed step, before replaying (e.g. to find a restarted stage);
             raises if the stages cannot be reached.
+        metrics: told what the scheduler does (e.g. `app.metrics.IngressMetrics`; None: nothing
+            kept): `set_sequences`, `prompt_tokens`, `generated_tokens`, `first_token`,
+            `time_per_output_token`, `recovery`.
     """
 
-    def __init__(self, pipeline, config: EngineConfig, recover=None):
+    def __init__(self, pipeline, config: EngineConfig, recover=None, metrics=None):
         self.pipeline = pipeline
         self.config = config
         self.recover = recover
+        self.metrics = metrics if metrics is not None else IngressMetrics(enabled=False)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._free_slots = list(range(config.max_batch_size))
@@ -129,6 +135,7 @@ class Engine:
         if len(self.waiting) >= self.config.max_queued_requests + len(self._free_slots):
             raise Overloaded(f"{len(self.waiting)} sequences are waiting for a slot")
         self.waiting.append(seq)
+        self.metrics.prompt_tokens(len(seq.prompt_ids))
         self._ensure_running()
         self._wake.set()
 
@@ -137,6 +144,7 @@ class Engine:
         if seq.finished:
             return
         seq.finish_reason = reason
+        self._observe_finished(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
         self._release(seq)
@@ -168,10 +176,13 @@ class Engine:
         in_flight: set[asyncio.Task] = set()
         while True:
             self._admit()
+            self.metrics.set_sequences(len(self.running), len(self.waiting))
             while len(in_flight) < self.config.num_microbatches:
                 rows = self._next_batch(len(in_flight))
                 if not rows:
                     break
+                for row in rows:  # claimed now: an abort before the task starts must keep the slot
+                    row.seq.in_flight = True
                 in_flight.add(asyncio.create_task(self._step(rows, self._epoch)))
             if not in_flight and not self.waiting and not self.running:
                 return
@@ -260,8 +271,13 @@ class Engine:
             return
         choices = sample(torch.stack(sampling_rows),
                          [(s.params, s.prompt_ids, s.output_ids, s.generator) for s in sampled])
+        now = time.monotonic()
         for seq, choice in zip(sampled, choices):
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self.metrics.first_token(now - seq.arrival)
             self._append(seq, choice)
+        self.metrics.generated_tokens(len(sampled))
 
     def _record_prompt_logprobs(self, seq: Sequence, row: Row, logits: torch.Tensor) -> None:
         if not seq.prompt_logprob_values:
@@ -290,12 +306,19 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
+        self._observe_finished(seq)
         self._release(seq)
         seq.events.put_nowait(("finished", seq, reason))
+
+    def _observe_finished(self, seq: Sequence) -> None:
+        if seq.first_token_at is not None and len(seq.output_ids) > 1:
+            seconds = time.monotonic() - seq.first_token_at
+            self.metrics.time_per_output_token(seconds / (len(seq.output_ids) - 1))
 
     async def _recover(self, failure: Exception) -> None:
         """Waits for the stages to be back, then replays every open sequence from its tokens."""
         self._epoch += 1
+        self.metrics.recovery()
         for attempt in range(1, self.config.max_recoveries + 1):
             logger.warning("step failed (%s); recovering, attempt %d", failure, attempt)
             self.stats["recoveries"] += 1

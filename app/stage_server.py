@@ -47,11 +47,14 @@ class StageServer:
             took 43 ms per token on 1 thread but 124 ms on 2 for one stream, and 89-98 ms on 1
             thread against 80-1500 ms (erratic) on 2 for a batch of 16. Prefill is compute-bound
             and gains from every core.
+        metrics: has `observe_step(rows, tokens, seconds, queued)` and `step_failed()`, called by
+            the compute thread once per step (e.g. `app.metrics.StageMetrics`; None: none kept).
     """
 
     def __init__(self, stage, host: str = "127.0.0.1", num_threads: int | None = None,
-                 parallel_min_tokens: int = 64):
+                 parallel_min_tokens: int = 64, metrics=None):
         self.stage = stage
+        self.metrics = metrics
         self.num_threads, self.parallel_min_tokens = num_threads, parallel_min_tokens
         self.load = StageLoad()
         self._inbox: queue.Queue = queue.Queue()
@@ -87,6 +90,8 @@ class StageServer:
                                  torch.tensor(header["num_new"]), all_logits=header.get("all_logits", False))
             except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
                 logger.exception("step %s failed", header.get("step"))
+                if self.metrics is not None:
+                    self.metrics.step_failed()
                 self._send(route[-1], {"kind": "error", "step": header["step"], "message": str(exc)})
                 continue
             elapsed = time.monotonic() - began
@@ -102,6 +107,8 @@ class StageServer:
                 # The next stage is gone: tell the ingress now rather than let it time out.
                 self._send(route[-1], {"kind": "error", "step": header["step"],
                                        "message": f"stage at {route[0]} unreachable"})
+            if self.metrics is not None:  # after sending: the next stage need not wait for it
+                self.metrics.observe_step(len(header["slots"]), sum(header["num_new"]), elapsed, load.queued)
 
     def _send(self, address: str, header: dict, tensors=()) -> bool:
         try:

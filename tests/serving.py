@@ -16,6 +16,15 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# `serve run` has no option for Ray's metrics export port, but uses a Ray that is already up.
+_SERVE_RUN_WITH_METRICS_PORT = """
+import sys
+import ray
+from ray.serve.scripts import cli
+ray.init(namespace="serve", _metrics_export_port=int(sys.argv[1]))
+cli(["run", sys.argv[2]])
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,11 +40,14 @@ class ServeRun:
         port: HTTP port (default: a free one).
         timeout: seconds to wait until `/v1/models` answers.
         env: extra environment variables.
+        metrics_export_port: where Ray's Prometheus endpoint listens (`/metrics`); default: Ray picks.
     """
 
-    def __init__(self, args: dict, port: int | None = None, timeout: float = 240, env: dict | None = None):
+    def __init__(self, args: dict, port: int | None = None, timeout: float = 240, env: dict | None = None,
+                 metrics_export_port: int | None = None):
         self.args, self.port, self.timeout = args, port or free_port(), timeout
         self.env = env or {}
+        self.metrics_export_port = metrics_export_port
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -50,7 +62,10 @@ class ServeRun:
         self.log_path = os.path.join(self._dir, "serve.log")
         env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", **self.env)
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ray.serve.scripts", "run", path], cwd=REPO, env=env,
+        command = [sys.executable, "-m", "ray.serve.scripts", "run", path]
+        if self.metrics_export_port is not None:
+            command = [sys.executable, "-c", _SERVE_RUN_WITH_METRICS_PORT, str(self.metrics_export_port), path]
+        self.proc = subprocess.Popen(command, cwd=REPO, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
