@@ -61,7 +61,6 @@ class Sequence:
     prompt_logprobs: bool = False
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
-    choices: list[Choice] = field(default_factory=list)
     prompt_logprob_values: list[float | None] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     slot: int | None = None
@@ -178,7 +177,7 @@ class Engine:
             self._admit()
             self.metrics.set_sequences(len(self.running), len(self.waiting))
             while len(in_flight) < self.config.num_microbatches:
-                rows = self._next_batch(len(in_flight))
+                rows = self._next_batch()
                 if not rows:
                     break
                 for row in rows:  # claimed now: an abort before the task starts must keep the slot
@@ -204,7 +203,7 @@ class Engine:
             seq.slot = heapq.heappop(self._free_slots)
             self.running.append(seq)
 
-    def _next_batch(self, num_in_flight: int) -> list[Row]:
+    def _next_batch(self) -> list[Row]:
         ready = [s for s in self.running if not s.in_flight and not s.finished and s.num_pending > 0]
         prefill = [s for s in ready if s.num_pending > 1 or s.needs_all_logits]
         decode = [s for s in ready if s not in prefill]
@@ -226,8 +225,6 @@ class Engine:
         return [Row(seq, seq.num_cached, 1) for seq in decode[:max(share, 1)]]
 
     async def _step(self, rows: list[Row], epoch: int) -> Exception | None:
-        for row in rows:
-            row.seq.in_flight = True
         width = max(row.num_new for row in rows)
         inputs = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -291,7 +288,6 @@ class Engine:
     def _append(self, seq: Sequence, choice: Choice) -> None:
         params = seq.params
         seq.output_ids.append(choice.token)
-        seq.choices.append(choice)
         if choice.logprob is not None:
             seq.cumulative_logprob += choice.logprob
         self.stats["tokens"] += 1

@@ -24,7 +24,6 @@ class StageLoad:
     tokens: int = 0
     busy_s: float = 0.0
     queued: int = 0
-    last_step_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -80,8 +79,8 @@ class StageServer:
                 return
             route = header["route"]
             began = time.monotonic()
+            num_rows, num_tokens = len(header["slots"]), sum(header["num_new"])
             if self.num_threads:
-                num_tokens = sum(header["num_new"])
                 threads = self.num_threads if num_tokens >= self.parallel_min_tokens else 1
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
@@ -96,9 +95,8 @@ class StageServer:
                 continue
             elapsed = time.monotonic() - began
             load = self.load
-            load.steps, load.rows = load.steps + 1, load.rows + len(header["slots"])
-            load.tokens += sum(header["num_new"])
-            load.busy_s, load.last_step_s = load.busy_s + elapsed, elapsed
+            load.steps, load.rows, load.tokens = load.steps + 1, load.rows + num_rows, load.tokens + num_tokens
+            load.busy_s += elapsed
             if len(route) > 1:
                 sent = self._send(route[0], dict(header, route=route[1:]), [out])
             else:
@@ -108,7 +106,7 @@ class StageServer:
                 self._send(route[-1], {"kind": "error", "step": header["step"],
                                        "message": f"stage at {route[0]} unreachable"})
             if self.metrics is not None:  # after sending: the next stage need not wait for it
-                self.metrics.observe_step(len(header["slots"]), sum(header["num_new"]), elapsed, load.queued)
+                self.metrics.observe_step(num_rows, num_tokens, elapsed, load.queued)
 
     def _send(self, address: str, header: dict, tensors=()) -> bool:
         try:
