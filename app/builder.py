@@ -8,6 +8,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.autoscaling import DEFAULT_STAGE_AUTOSCALING
 from app.engine import EngineConfig
 
 logger = logging.getLogger("ray.serve")
@@ -41,6 +42,21 @@ class BuilderArgs(BaseModel):
     health_check_period_s: float = Field(2.0, gt=0, description="Serve health checks of each stage")
     health_check_timeout_s: float = Field(5.0, gt=0, description="a health check slower than this fails")
     stage_num_gpus: float | None = Field(None, ge=0, description="GPUs per stage; default 1 if any")
+    stage_autoscaling: dict | None = Field(
+        default_factory=lambda: dict(DEFAULT_STAGE_AUTOSCALING),
+        description="Serve autoscaling_config of every stage; keys given replace the defaults "
+                    "(app.autoscaling); null: one replica per stage")
+
+    @field_validator("stage_autoscaling", mode="after")
+    @classmethod
+    def _autoscaling_over_defaults(cls, value):
+        if value is None:
+            return None
+        merged = {**DEFAULT_STAGE_AUTOSCALING, **value}
+        from ray.serve.config import AutoscalingConfig
+
+        AutoscalingConfig(**merged)  # a clear error now rather than from Serve later
+        return merged
 
     @field_validator("num_stages", mode="before")
     @classmethod
@@ -122,7 +138,7 @@ def build_app(args: BuilderArgs):
     """
     from ray import serve
 
-    from app.deployments import Ingress, StageDeployment
+    from app.deployments import DRAIN_TIMEOUT_S, Ingress, StageDeployment
 
     if isinstance(args, dict):
         args = BuilderArgs(**args)
@@ -141,15 +157,19 @@ def build_app(args: BuilderArgs):
                    # A short OpenMP spin: threads still spin between the ops of a step, but an idle
                    # stage stops spinning soon instead of stealing the core the next stage needs.
                    # glibc keeps bitsandbytes' large temporaries unless they are mmapped.
+                   # Autoscaling metrics reach the controller every second, not every 10 s.
                    "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads),
                                                 "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000"),
-                                                "MALLOC_MMAP_THRESHOLD_": "131072"}}}
+                                                "MALLOC_MMAP_THRESHOLD_": "131072",
+                                                "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}}
+        scaling = ({"autoscaling_config": args.stage_autoscaling} if args.stage_autoscaling is not None
+                   else {"num_replicas": 1})
         deployment = serve.deployment(StageDeployment, name=f"Stage{index}", ray_actor_options=options,
                                       health_check_period_s=args.health_check_period_s,
                                       health_check_timeout_s=args.health_check_timeout_s,
-                                      # a stage has nothing to drain through Serve: its steps are
-                                      # replayed by the ingress, so a hung one goes down at once
-                                      graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5)
+                                      # a replica going away drains: its sequences move elsewhere
+                                      graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S + 5,
+                                      graceful_shutdown_wait_loop_s=0.5, **scaling)
         stages.append(deployment.bind(model_dir, index, start, end, dtype=args.dtype,
                                       quantization=quantizations[index],
                                       max_batch_size=args.max_batch_size, max_model_len=config.max_model_len,

@@ -7,6 +7,12 @@ decode rows of one token), runs them through the stages as one batch and, for ev
 tokens are now all cached, samples the next token. Because a sequence is just its token ids,
 a stage that lost its cache is rebuilt by setting `num_cached = 0`: the same step logic replays
 the prompt and the output so far, and greedy generation goes on exactly as before.
+
+A stage may have several replicas, each with its own KV cache slots. A sequence is routed
+through one replica of every stage (its *route*) and keeps it (session affinity); new
+sequences go to the replicas with the most free slots; sequences of one route are batched
+together. When a replica drains (scale-down) or disappears, its sequences move to another
+replica of that stage by the same replay, and a drained replica is told when it holds none.
 """
 
 from __future__ import annotations
@@ -50,6 +56,25 @@ class EngineConfig:
     max_recoveries: int = 5
 
 
+@dataclass(frozen=True)
+class Replica:
+    """One replica of a stage on the data plane.
+
+    Attributes:
+        id: unique among all replicas.
+        stage: the stage's index in the pipeline.
+        address: its data-plane address.
+        num_slots: its KV cache slots (sequences it can hold).
+        draining: going away: no new sequences, running ones move elsewhere.
+    """
+
+    id: str
+    stage: int
+    address: str
+    num_slots: int
+    draining: bool = False
+
+
 @dataclass(eq=False)
 class Sequence:
     """One generation: a prompt, its sampling parameters, and the tokens so far."""
@@ -63,7 +88,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     prompt_logprob_values: list[float | None] = field(default_factory=list)
     cumulative_logprob: float = 0.0
-    slot: int | None = None
+    route: tuple[str, ...] | None = None  # replica ids, one per stage
+    slots: list[int] | None = None  # the sequence's KV cache slot on each replica of its route
     num_cached: int = 0
     in_flight: bool = False
     finish_reason: str | None = None
@@ -101,37 +127,108 @@ class Overloaded(Exception):
 
 
 class Engine:
-    """Schedules sequences over a pipeline of stages.
+    """Schedules sequences over a pipeline of stages, each with one or more replicas.
 
     Args:
-        pipeline: has `async step(inputs, slots, starts, num_new, all_logits=, timeout=)`.
+        pipeline: has `async step(route, inputs, slots, starts, num_new, all_logits=, timeout=)`
+            and `watch(address, on_gone)` (e.g. `app.pipeline.PipelineClient`).
         config: the scheduler's limits.
-        recover: awaited after a failed step, before replaying (e.g. to find a restarted stage);
-            raises if the stages cannot be reached.
+        num_stages: stages in the pipeline.
+        recover: awaited after a failed step, before replaying (e.g. to find a restarted stage
+            and call `set_replicas`); raises if the stages cannot be reached.
+        on_drained: called with a draining `Replica` once it holds no sequence.
         metrics: told what the scheduler does (e.g. `app.metrics.IngressMetrics`; None: nothing
             kept): `set_sequences`, `prompt_tokens`, `generated_tokens`, `first_token`,
             `time_per_output_token`, `recovery`.
     """
 
-    def __init__(self, pipeline, config: EngineConfig, recover=None, metrics=None):
+    def __init__(self, pipeline, config: EngineConfig, num_stages: int, recover=None, on_drained=None,
+                 metrics=None):
         self.pipeline = pipeline
         self.config = config
+        self.num_stages = num_stages
         self.recover = recover
+        self.on_drained = on_drained
         self.metrics = metrics if metrics is not None else IngressMetrics(enabled=False)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self._free_slots = list(range(config.max_batch_size))
+        self.replicas: dict[str, Replica] = {}
+        self._free: dict[str, list[int]] = {}  # free slots of every replica a sequence may still hold
+        self._num_slots: dict[str, int] = {}
+        self._gone: set[str] = set()  # replicas whose process went away
+        self._released: set[str] = set()  # draining replicas told they hold nothing
         self._wake = asyncio.Event()
         self._epoch = 0  # bumped by each recovery: results of older steps are dropped
-        self._last_kind = "decode"
+        self._last_kind: dict[tuple[str, ...], str] = {}
         self._task: asyncio.Task | None = None
-        self.stats = {"steps": 0, "recoveries": 0, "tokens": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = {"steps": 0, "recoveries": 0, "tokens": 0, "moved": 0}
+
+    # ---- replicas ----
+
+    def set_replicas(self, replicas: list[Replica]) -> None:
+        """The replicas there are now (all stages). Sequences on one that is missing or draining
+        move to another replica of its stage; a new one gets new sequences."""
+        self.replicas = {r.id: r for r in replicas if r.id not in self._gone}
+        for replica in self.replicas.values():
+            if replica.id not in self._free:
+                self._free[replica.id] = list(range(replica.num_slots))
+                self._num_slots[replica.id] = replica.num_slots
+                self.pipeline.watch(replica.address, lambda rid=replica.id: self._on_gone(rid))
+        self._forget_unused()
+        self._release_drained()
+        self._wake.set()
+        if self.waiting or self.running:
+            self._ensure_running()
+
+    def _on_gone(self, replica_id: str) -> None:
+        """From the pipeline's watch thread: a replica's process has gone away."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._drop_replica, replica_id)
+        else:
+            self._drop_replica(replica_id)
+
+    def _drop_replica(self, replica_id: str) -> None:
+        self._gone.add(replica_id)
+        self.replicas.pop(replica_id, None)
+        self._wake.set()
+
+    def _forget_unused(self) -> None:
+        for replica_id in list(self._free):
+            if replica_id not in self.replicas and len(self._free[replica_id]) == self._num_slots[replica_id]:
+                del self._free[replica_id], self._num_slots[replica_id]
+
+    def _release_drained(self) -> None:
+        for replica in self.replicas.values():
+            if (replica.draining and replica.id not in self._released
+                    and len(self._free[replica.id]) == replica.num_slots):
+                self._released.add(replica.id)
+                if self.on_drained is not None:
+                    self.on_drained(replica)
+
+    def _usable(self, replica_id: str) -> bool:
+        replica = self.replicas.get(replica_id)
+        return replica is not None and not replica.draining
+
+    def _best_replica(self, stage: int) -> str | None:
+        """The usable replica of `stage` with the most free slots."""
+        best = None
+        for replica in self.replicas.values():
+            if replica.stage == stage and not replica.draining and self._free[replica.id]:
+                if best is None or len(self._free[replica.id]) > len(self._free[best]):
+                    best = replica.id
+        return best
+
+    def available(self) -> bool:
+        """Every stage has a replica that takes sequences."""
+        stages = {r.stage for r in self.replicas.values() if not r.draining}
+        return len(stages) == self.num_stages
 
     # ---- requests ----
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; raises `Overloaded` when the waiting queue is full."""
-        if len(self.waiting) >= self.config.max_queued_requests + len(self._free_slots):
+        if len(self.waiting) >= self.config.max_queued_requests + self.num_free_slots:
             raise Overloaded(f"{len(self.waiting)} sequences are waiting for a slot")
         self.waiting.append(seq)
         self.metrics.prompt_tokens(len(seq.prompt_ids))
@@ -150,12 +247,21 @@ class Engine:
         self._wake.set()
 
     def _release(self, seq: Sequence) -> None:
-        # A slot in use by a step in flight is freed when that step returns.
-        if seq.slot is not None and not seq.in_flight:
-            heapq.heappush(self._free_slots, seq.slot)
-            seq.slot = None
-        if seq in self.running and not seq.in_flight:
+        # Slots in use by a step in flight are freed when that step returns.
+        if seq.in_flight:
+            return
+        if seq.route is not None:
+            for replica_id, slot in zip(seq.route, seq.slots):
+                self._free_slot(replica_id, slot)
+            seq.route = seq.slots = None
+        if seq in self.running:
             self.running.remove(seq)
+        self._forget_unused()
+        self._release_drained()
+
+    def _free_slot(self, replica_id: str, slot: int) -> None:
+        if replica_id in self._free:
+            heapq.heappush(self._free[replica_id], slot)
 
     @property
     def num_running(self) -> int:
@@ -163,34 +269,39 @@ class Engine:
 
     @property
     def num_free_slots(self) -> int:
-        return len(self._free_slots)
+        """Sequences that could start now: the free slots of the tightest stage."""
+        free = [0] * self.num_stages
+        for replica in self.replicas.values():
+            if not replica.draining:
+                free[replica.stage] += len(self._free[replica.id])
+        return min(free)
 
     # ---- the loop ----
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run())
 
     async def _run(self) -> None:
-        in_flight: set[asyncio.Task] = set()
+        in_flight: dict[asyncio.Task, tuple[str, ...]] = {}
         while True:
             self._admit()
+            self._move_off_unusable()
             self.metrics.set_sequences(len(self.running), len(self.waiting))
-            while len(in_flight) < self.config.num_microbatches:
-                rows = self._next_batch()
-                if not rows:
-                    break
-                for row in rows:  # claimed now: an abort before the task starts must keep the slot
-                    row.seq.in_flight = True
-                in_flight.add(asyncio.create_task(self._step(rows, self._epoch)))
+            busy: dict[tuple[str, ...], int] = {}
+            for route in in_flight.values():
+                busy[route] = busy.get(route, 0) + 1
+            for route, rows in self._next_batches(busy):
+                in_flight[asyncio.create_task(self._step(route, rows, self._epoch))] = route
             if not in_flight and not self.waiting and not self.running:
                 return
             self._wake.clear()
             waiter = asyncio.create_task(self._wake.wait())
-            done, _ = await asyncio.wait(in_flight | {waiter}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(set(in_flight) | {waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-            for task in done & in_flight:
-                in_flight.discard(task)
+            for task in done & set(in_flight):
+                del in_flight[task]
                 failure = task.result()
                 if failure is not None:
                     await asyncio.gather(*in_flight, return_exceptions=True)
@@ -198,17 +309,57 @@ class Engine:
                     await self._recover(failure)
 
     def _admit(self) -> None:
-        while self.waiting and self._free_slots:
+        while self.waiting:
+            route = [self._best_replica(stage) for stage in range(self.num_stages)]
+            if None in route:
+                return
             seq = self.waiting.pop(0)
-            seq.slot = heapq.heappop(self._free_slots)
+            seq.route = tuple(route)
+            seq.slots = [heapq.heappop(self._free[replica_id]) for replica_id in route]
             self.running.append(seq)
 
-    def _next_batch(self) -> list[Row]:
-        ready = [s for s in self.running if not s.in_flight and not s.finished and s.num_pending > 0]
+    def _move_off_unusable(self) -> None:
+        """Moves sequences off replicas that are gone or draining, where another replica of the
+        stage has room; the new route's caches are rebuilt by replay."""
+        for seq in self.running:
+            if seq.in_flight or seq.finished or seq.route is None:
+                continue
+            route, slots = list(seq.route), list(seq.slots)
+            for stage, replica_id in enumerate(route):
+                if self._usable(replica_id):
+                    continue
+                other = self._best_replica(stage)
+                if other is None:
+                    continue  # a draining replica goes on serving it; a gone one is waited for
+                self._free_slot(replica_id, slots[stage])
+                route[stage], slots[stage] = other, heapq.heappop(self._free[other])
+            if tuple(route) != seq.route:
+                seq.route, seq.slots, seq.num_cached = tuple(route), slots, 0
+                self.stats["moved"] += 1
+        self._forget_unused()
+        self._release_drained()
+
+    def _next_batches(self, busy: dict[tuple[str, ...], int]):
+        """Yields (route, rows) for every route with room for another step in flight."""
+        by_route: dict[tuple[str, ...], list[Sequence]] = {}
+        for seq in self.running:
+            if (not seq.in_flight and not seq.finished and seq.num_pending > 0
+                    and all(replica_id in self.replicas for replica_id in seq.route)):
+                by_route.setdefault(seq.route, []).append(seq)
+        for route, ready in by_route.items():
+            for _ in range(busy.get(route, 0), self.config.num_microbatches):
+                rows = self._next_batch(route, [s for s in ready if not s.in_flight])
+                if not rows:
+                    break
+                for row in rows:  # claimed now: an abort before the task starts must keep the slot
+                    row.seq.in_flight = True
+                yield route, rows
+
+    def _next_batch(self, route: tuple[str, ...], ready: list[Sequence]) -> list[Row]:
         prefill = [s for s in ready if s.num_pending > 1 or s.needs_all_logits]
         decode = [s for s in ready if s not in prefill]
-        if prefill and (not decode or self._last_kind == "decode"):
-            self._last_kind = "prefill"
+        if prefill and (not decode or self._last_kind.get(route, "decode") == "decode"):
+            self._last_kind[route] = "prefill"
             rows, budget = [], self.config.max_prefill_tokens
             for seq in prefill:
                 if budget <= 0:
@@ -219,25 +370,30 @@ class Engine:
             return rows
         if not decode:
             return []
-        self._last_kind = "decode"
-        # Split the running sequences evenly between the micro-batches.
-        share = -(-len([s for s in self.running if not s.finished]) // self.config.num_microbatches)
+        self._last_kind[route] = "decode"
+        # Split the route's running sequences evenly between the micro-batches.
+        on_route = sum(1 for s in self.running if s.route == route and not s.finished)
+        share = -(-on_route // self.config.num_microbatches)
         return [Row(seq, seq.num_cached, 1) for seq in decode[:max(share, 1)]]
 
-    async def _step(self, rows: list[Row], epoch: int) -> Exception | None:
+    async def _step(self, route: tuple[str, ...], rows: list[Row], epoch: int) -> Exception | None:
         width = max(row.num_new for row in rows)
         inputs = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             inputs[i, : row.num_new] = torch.tensor(row.seq.tokens[row.start:row.start + row.num_new])
         all_logits = any(row.seq.needs_all_logits for row in rows)
+        slots = [[row.seq.slots[stage] for row in rows] for stage in range(len(route))]
         try:
-            logits = await self.pipeline.step(inputs, [r.seq.slot for r in rows], [r.start for r in rows],
+            addresses = [self.replicas[replica_id].address for replica_id in route]
+            logits = await self.pipeline.step(addresses, inputs, slots, [r.start for r in rows],
                                               [r.num_new for r in rows], all_logits=all_logits,
                                               timeout=self.config.step_timeout_s)
-        except StepFailed as exc:
+        except (StepFailed, KeyError) as exc:
             for row in rows:
                 row.seq.in_flight = False
-            return exc
+                if row.seq.finished:
+                    self._release(row.seq)
+            return exc if isinstance(exc, StepFailed) else StepFailed(f"replica {exc} went away")
         finally:
             self.stats["steps"] += 1
         if epoch == self._epoch:
@@ -245,6 +401,8 @@ class Engine:
         else:
             for row in rows:
                 row.seq.in_flight = False
+                if row.seq.finished:
+                    self._release(row.seq)
         return None
 
     def _finish_step(self, rows: list[Row], logits: torch.Tensor, all_logits: bool) -> None:
@@ -330,6 +488,7 @@ class Engine:
             return
         for seq in self.running:
             seq.num_cached = 0  # the lost caches are rebuilt by prefilling prompt + output
+        self._move_off_unusable()
 
     def _fail_all(self, message: str) -> None:
         for seq in list(self.running) + list(self.waiting):

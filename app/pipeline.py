@@ -19,7 +19,7 @@ class StepFailed(RuntimeError):
 
 
 class PipelineClient:
-    """Sends steps along `route` (stage addresses in order) and collects their results.
+    """Sends steps along a route (stage replica addresses in order) and collects their results.
 
     Results come back to our own listening socket, from the last stage, and resolve the
     future of their step on the event loop that sent it.
@@ -31,11 +31,10 @@ class PipelineClient:
     def __init__(self, host: str = "127.0.0.1"):
         self._server, self.reply_address = listen(host)
         self._out = Connections()
-        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, frozenset]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self.route: list[str] = []
-        self._watched: set[str] = set()
+        self._watched: dict[str, list] = {}
         serve_connections(self._server, self._on_message)
 
     def _on_message(self, header: dict, tensors: list[torch.Tensor]) -> None:
@@ -43,19 +42,20 @@ class PipelineClient:
             entry = self._pending.pop(header.get("step"), None)
         if entry is None:
             return  # a step we gave up on
-        loop, future = entry
+        loop, future, _ = entry
         if header["kind"] == "result":
             loop.call_soon_threadsafe(_resolve, future, tensors[0], None)
         else:
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(header.get("message", "stage error")))
 
-    async def step(self, inputs: torch.Tensor, slots: list[int], starts: list[int], num_new: list[int], *,
-                   all_logits: bool = False, timeout: float | None = None) -> torch.Tensor:
-        """Runs one batched step through every stage.
+    async def step(self, route: list[str], inputs: torch.Tensor, slots: list[list[int]], starts: list[int],
+                   num_new: list[int], *, all_logits: bool = False, timeout: float | None = None) -> torch.Tensor:
+        """Runs one batched step through one replica of every stage.
 
         Args:
+            route: the data-plane address of each stage's replica, in pipeline order.
             inputs: (B, T) token ids, rows right-padded.
-            slots: cache slot of each row.
+            slots: for each stage of the route, the cache slot of each row there.
             starts: first new position of each row.
             num_new: real new tokens of each row.
             all_logits: return logits at every position (B, T, V) instead of the last (B, V).
@@ -67,17 +67,15 @@ class PipelineClient:
         Raises:
             StepFailed: a stage reported an error, could not be reached, or timed out.
         """
-        if not self.route:
-            raise StepFailed("no stages to send to")
         step_id = next(self._ids)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            self._pending[step_id] = (loop, future)
+            self._pending[step_id] = (loop, future, frozenset(route))
         header = {"kind": "step", "step": step_id, "slots": slots, "starts": starts, "num_new": num_new,
-                  "all_logits": all_logits, "route": self.route[1:] + [self.reply_address]}
+                  "all_logits": all_logits, "route": list(route[1:]) + [self.reply_address]}
         try:
-            await asyncio.to_thread(self._out.send, self.route[0], header, [inputs])
+            await asyncio.to_thread(self._out.send, route[0], header, [inputs])
             return await asyncio.wait_for(future, timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise StepFailed(f"step {step_id} failed: {exc!r}") from exc
@@ -85,33 +83,48 @@ class PipelineClient:
             with self._lock:
                 self._pending.pop(step_id, None)
 
-    def set_route(self, route: list[str]) -> None:
-        """Sends the next steps through `route`, watching each stage for its death.
+    def watch(self, address: str, on_gone=None) -> None:
+        """Watches the stage replica at `address` for its death.
 
         A watch is a connection the stage never writes to: when the stage's process dies, its
-        end closes and every step in flight fails at once instead of waiting for a timeout.
+        end closes, every step in flight through it fails at once instead of waiting for a
+        timeout, and `on_gone()` is called (from the watch's thread).
         """
-        self.route = list(route)
-        for address in route:
-            if address not in self._watched:
-                self._watched.add(address)
+        with self._lock:
+            callbacks = self._watched.get(address)
+            if callbacks is None:
+                self._watched[address] = callbacks = []
                 threading.Thread(target=self._watch, args=(address,), daemon=True, name="stagewise-watch").start()
+            if on_gone is not None:
+                callbacks.append(on_gone)
+
+    def release(self, address: str) -> None:
+        """Tells a draining stage replica that it holds no sequence any more."""
+        try:
+            self._out.send(address, {"kind": "released"})
+        except OSError:
+            pass  # already gone
 
     def _watch(self, address: str) -> None:
         try:
             sock = connect(address, timeout=10)
+            sock.settimeout(None)
             while sock.recv(1):
                 pass
         except OSError:
             pass
-        self._watched.discard(address)
-        self.fail_pending(f"stage at {address} went away")
-
-    def fail_pending(self, message: str) -> None:
-        """Fails every step in flight (their stages' caches can no longer be trusted)."""
         with self._lock:
-            pending, self._pending = self._pending, {}
-        for loop, future in pending.values():
+            callbacks = self._watched.pop(address, [])
+        self.fail_pending(f"stage at {address} went away", address)
+        for on_gone in callbacks:
+            on_gone()
+
+    def fail_pending(self, message: str, address: str | None = None) -> None:
+        """Fails the steps in flight (through `address`, or all): their caches can no longer be trusted."""
+        with self._lock:
+            failed = [key for key, (_, _, route) in self._pending.items() if address is None or address in route]
+            entries = [self._pending.pop(key) for key in failed]
+        for loop, future, _ in entries:
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(message))
 
     def close(self) -> None:

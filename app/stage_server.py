@@ -24,17 +24,22 @@ class StageLoad:
     tokens: int = 0
     busy_s: float = 0.0
     queued: int = 0
+    ongoing_s: float = 0.0  # summed over steps: from arrival (so queueing counts) to done
     started: float = field(default_factory=time.monotonic)
+    last_step_at: float = field(default_factory=time.monotonic)
 
 
 class StageServer:
     """Listens for steps, runs them through the stage one at a time, forwards the results.
 
     A step message's header: `{"kind": "step", "step": id, "slots", "starts", "num_new",
-    "all_logits", "route": [next hops..., reply address]}` with one tensor, the stage's input.
-    The output goes to `route[0]` with `route[1:]`; the last stage's output (logits) goes to
-    the reply address as `{"kind": "result", "step": id}`. A failure is sent to the reply
-    address as `{"kind": "error", "step": id, "message"}` so that nobody waits forever.
+    "all_logits", "route": [next hops..., reply address]}` with one tensor, the stage's input;
+    `slots` holds each row's cache slot for this stage and every next one (a list per stage).
+    The output goes to `route[0]` with `route[1:]` and `slots[1:]`; the last stage's output
+    (logits) goes to the reply address as `{"kind": "result", "step": id}`. A failure is sent
+    to the reply address as `{"kind": "error", "step": id, "message"}` so that nobody waits
+    forever. `{"kind": "released"}` from the ingress says that this replica, draining, holds no
+    sequence any more (`released` is set).
 
     Args:
         stage: the `stages.Stage` to serve.
@@ -56,6 +61,7 @@ class StageServer:
         self.metrics = metrics
         self.num_threads, self.parallel_min_tokens = num_threads, parallel_min_tokens
         self.load = StageLoad()
+        self.released = threading.Event()
         self._inbox: queue.Queue = queue.Queue()
         self._out = Connections()
         self._server, self.address = listen(host)
@@ -68,24 +74,27 @@ class StageServer:
         return self._worker.is_alive()
 
     def _on_message(self, header: dict, tensors: list[torch.Tensor]) -> None:
+        if header.get("kind") == "released":
+            self.released.set()
+            return
         self.load.queued += 1
-        self._inbox.put((header, tensors))
+        self._inbox.put((header, tensors, time.monotonic()))
 
     def _run(self) -> None:
         while True:
-            header, tensors = self._inbox.get()
+            header, tensors, arrived = self._inbox.get()
             self.load.queued -= 1
             if header is None:
                 return
-            route = header["route"]
+            route, slots = header["route"], header["slots"]
             began = time.monotonic()
-            num_rows, num_tokens = len(header["slots"]), sum(header["num_new"])
+            num_rows, num_tokens = len(slots[0]), sum(header["num_new"])
             if self.num_threads:
                 threads = self.num_threads if num_tokens >= self.parallel_min_tokens else 1
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
             try:
-                out = self.stage(tensors[0], torch.tensor(header["slots"]), torch.tensor(header["starts"]),
+                out = self.stage(tensors[0], torch.tensor(slots[0]), torch.tensor(header["starts"]),
                                  torch.tensor(header["num_new"]), all_logits=header.get("all_logits", False))
             except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
                 logger.exception("step %s failed", header.get("step"))
@@ -93,12 +102,15 @@ class StageServer:
                     self.metrics.step_failed()
                 self._send(route[-1], {"kind": "error", "step": header["step"], "message": str(exc)})
                 continue
-            elapsed = time.monotonic() - began
+            done = time.monotonic()
+            elapsed = done - began
             load = self.load
             load.steps, load.rows, load.tokens = load.steps + 1, load.rows + num_rows, load.tokens + num_tokens
             load.busy_s += elapsed
+            load.ongoing_s += done - arrived
+            load.last_step_at = done
             if len(route) > 1:
-                sent = self._send(route[0], dict(header, route=route[1:]), [out])
+                sent = self._send(route[0], dict(header, route=route[1:], slots=slots[1:]), [out])
             else:
                 sent = self._send(route[0], {"kind": "result", "step": header["step"]}, [out])
             if not sent and len(route) > 1:
@@ -118,5 +130,5 @@ class StageServer:
 
     def close(self) -> None:
         self._server.close()
-        self._inbox.put((None, None))
+        self._inbox.put((None, None, None))
         self._out.close()

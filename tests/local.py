@@ -9,10 +9,15 @@ from transformers import AutoConfig, AutoTokenizer
 
 from app.api import create_app
 from app.completions import ModelInfo
-from app.engine import Engine, EngineConfig
+from app.engine import Engine, EngineConfig, Replica
 from app.pipeline import PipelineClient
 from app.stage_server import StageServer
 from stages import Stage
+
+
+def replicas_of(servers: list[StageServer], num_slots: int) -> list[Replica]:
+    """One replica per stage: the stage servers in pipeline order."""
+    return [Replica(f"stage{i}", i, server.address, num_slots) for i, server in enumerate(servers)]
 
 
 @contextmanager
@@ -51,8 +56,8 @@ def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_config = AutoConfig.from_pretrained(model_dir)
     pipeline = PipelineClient()
-    pipeline.set_route([s.address for s in servers])
-    engine = Engine(pipeline, config)
+    engine = Engine(pipeline, config, len(servers))
+    engine.set_replicas(replicas_of(servers, config.max_batch_size))
     info = ModelInfo(name=name, tokenizer=tokenizer, vocab_size=hf_config.vocab_size,
                      max_model_len=config.max_model_len, eos_token_ids=(hf_config.eos_token_id,))
     try:

@@ -18,6 +18,7 @@ from app.metrics import IngressMetrics, StageMetrics
 from app.pipeline import PipelineClient
 from app.stage_server import StageServer
 from stages import Stage
+from tests.local import replicas_of
 from tests.serving import ServeRun, free_port
 from tests.test_serve import stream_text
 
@@ -85,9 +86,9 @@ def test_hooks_in_process(checkpoint):
     servers = [StageServer(Stage(model_dir, start, end, num_slots=config.max_batch_size, max_len=256), metrics=m)
                for (start, end), m in zip([(0, 3), (3, 6)], stage_metrics)]
     pipeline = PipelineClient()
-    pipeline.set_route([s.address for s in servers])
     ingress = Recorder()
-    engine = Engine(pipeline, config, metrics=ingress)
+    engine = Engine(pipeline, config, len(servers), metrics=ingress)
+    engine.set_replicas(replicas_of(servers, config.max_batch_size))
     hf_config = AutoConfig.from_pretrained(model_dir)
     info = ModelInfo(name="model", tokenizer=AutoTokenizer.from_pretrained(model_dir),
                      vocab_size=hf_config.vocab_size, max_model_len=256, eos_token_ids=(hf_config.eos_token_id,))

@@ -1,0 +1,97 @@
+"""Where the stage replicas are: each announces its data-plane address here, the ingress reads it.
+
+Serve knows a deployment's replicas but routes every call to one of them; the ingress must
+reach all of them, and learn at once when one drains. So the ingress owns a small named Ray
+actor (it dies with the ingress, and a new ingress makes a new one), every stage replica
+announces itself to it every second (again after a new ingress appears), and says when it is
+draining. An entry not renewed for `ttl_s` is dropped; a replica whose process dies is noticed
+sooner by the ingress's watch connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+logger = logging.getLogger("ray.serve")
+
+ANNOUNCE_PERIOD_S = 1.0
+
+
+def registry_name(app_name: str) -> str:
+    return f"stagewise-registry:{app_name}"
+
+
+class Registry:
+    """The stage replicas of one application (run as a Ray actor).
+
+    Args:
+        ttl_s: seconds an announcement stays valid.
+    """
+
+    def __init__(self, ttl_s: float = 10.0):
+        self.ttl_s = ttl_s
+        self._replicas: dict[str, tuple[float, dict]] = {}
+
+    def announce(self, replica: dict) -> None:
+        """`replica`: {"id", "stage", "address", "num_slots", "draining"}."""
+        self._replicas[replica["id"]] = (time.monotonic(), replica)
+
+    def withdraw(self, replica_id: str) -> None:
+        self._replicas.pop(replica_id, None)
+
+    def replicas(self) -> list[dict]:
+        now = time.monotonic()
+        self._replicas = {k: v for k, v in self._replicas.items() if now - v[0] <= self.ttl_s}
+        return [replica for _, replica in self._replicas.values()]
+
+
+class Announcer:
+    """Announces one stage replica to its application's registry, from a thread, until closed.
+
+    Args:
+        app_name: the Serve application (names the registry).
+        replica: what to announce (see `Registry.announce`).
+    """
+
+    def __init__(self, app_name: str, replica: dict):
+        self.name = registry_name(app_name)
+        self.replica = dict(replica)
+        self._registry = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="stagewise-announce")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.announce()
+            if self._stop.wait(ANNOUNCE_PERIOD_S):
+                return
+
+    def announce(self) -> bool:
+        """Announces now; False if there is no registry (no ingress) to announce to."""
+        import ray
+
+        try:
+            if self._registry is None:
+                self._registry = ray.get_actor(self.name)
+            ray.get(self._registry.announce.remote(self.replica), timeout=5)
+            return True
+        except Exception:  # noqa: BLE001 - no ingress yet, or it is being replaced: look it up again
+            self._registry = None
+            return False
+
+    def drain(self) -> bool:
+        """Says that this replica is draining; False if no ingress heard it."""
+        self.replica["draining"] = True
+        return self.announce()
+
+    def close(self) -> None:
+        self._stop.set()
+        registry = self._registry
+        if registry is not None:
+            try:
+                registry.withdraw.remote(self.replica["id"])
+            except Exception:  # noqa: BLE001 - the ingress is gone too
+                pass
