@@ -37,7 +37,8 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "running": engine.num_running, "waiting": len(engine.waiting), **engine.stats}
+        return {"status": "ok", "running": engine.num_running, "waiting": len(engine.waiting), **engine.stats,
+                "replicas": engine.replica_load()}
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -2,11 +2,15 @@
 
 Steps reach a stage over the data plane, not through Serve, so Serve's own measure (requests
 ongoing at the replica) is always 0. Each stage replica reports instead, through
-`record_autoscaling_stats`, its *ongoing steps*: the time-average number of steps it was
-computing or holding queued (Little's law: steps per second x seconds from arrival to done).
-A replica busy half the time with nothing queued reports 0.5; one always busy with a step
-always waiting reports 2. The stage with the most compute per step reports the most, so it is
-the one that scales.
+`record_autoscaling_stats`, what really queues:
+
+- `ongoing_steps`: the time-average number of steps it was computing or holding queued
+  (Little's law: steps per second x seconds from arrival to done). A replica busy half the
+  time with nothing queued reports 0.5; always busy with a step always waiting, 2. Steps
+  queue at a stage that is slower than the others when several are in flight (micro-batches,
+  or the routes through another stage's replicas), so that stage scales on its own.
+- `slot_demand`: the sequences it holds plus its share of those waiting at the ingress for a
+  KV cache slot, over its slots. Above 1, requests wait: more replicas hold more sequences.
 """
 
 from __future__ import annotations
@@ -19,29 +23,33 @@ DEFAULT_STAGE_AUTOSCALING = {
     "upscale_delay_s": 5.0,
     "downscale_delay_s": 30.0,
     "look_back_period_s": 12.0,
-    "policy": {"policy_function": "app.autoscaling:StagePolicy", "policy_kwargs": {"target_ongoing_steps": 0.5}},
+    "policy": {"policy_function": "app.autoscaling:StagePolicy",
+               "policy_kwargs": {"target_ongoing_steps": 1.0, "target_slot_demand": 0.9}},
 }
 
 
 class StagePolicy:
-    """Replicas enough that each has `target_ongoing_steps` on average.
+    """Replicas enough that each has at most `target_ongoing_steps` and `target_slot_demand`.
 
     Serve applies `min_replicas`/`max_replicas`, the delays and the scaling factors to the
-    number returned.
+    number returned, and averages the metrics over `look_back_period_s`.
 
     Args:
-        target_ongoing_steps: ongoing steps per replica to aim at.
+        target_ongoing_steps: ongoing steps per replica to aim at (1: scale when steps queue).
+        target_slot_demand: share of its KV cache slots a replica should be asked for.
     """
 
-    def __init__(self, target_ongoing_steps: float = 0.5):
-        if target_ongoing_steps <= 0:
-            raise ValueError("target_ongoing_steps must be > 0")
-        self.target = target_ongoing_steps
+    def __init__(self, target_ongoing_steps: float = 1.0, target_slot_demand: float = 0.9):
+        if target_ongoing_steps <= 0 or target_slot_demand <= 0:
+            raise ValueError("the targets must be > 0")
+        self.targets = {"ongoing_steps": target_ongoing_steps, "slot_demand": target_slot_demand}
 
     def __call__(self, ctx) -> tuple[int, dict]:
-        ongoing = (ctx.aggregated_metrics or {}).get("ongoing_steps") or {}
-        if not ongoing:  # no report yet: keep what there is
+        metrics = ctx.aggregated_metrics or {}
+        if not any(metrics.get(name) for name in self.targets):  # no report yet: keep what there is
             return ctx.target_num_replicas, ctx.policy_state
-        total = sum(ongoing.values())
-        desired = math.ceil(total / self.target - 1e-9)
-        return max(desired, 1 if ctx.current_num_replicas else 0), ctx.policy_state
+        desired = 1
+        for name, target in self.targets.items():
+            total = sum((metrics.get(name) or {}).values())
+            desired = max(desired, math.ceil(total / target - 1e-9))
+        return desired, ctx.policy_state

@@ -78,7 +78,7 @@ class StageDeployment:
                     model_dir, device, dtype, quantization, torch.get_num_threads())
         if quantization != "none":
             logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns on every int8 forward
-        self.index = index
+        self.index, self.num_slots = index, max_batch_size
         self.stage = Stage(model_dir, start, end, dtype=dtype, device=device, num_slots=max_batch_size,
                            max_len=max_model_len, quantization=quantization)
         self.server = StageServer(self.stage, host=_node_ip(), num_threads=num_threads,
@@ -108,14 +108,20 @@ class StageDeployment:
                 "queued": load.queued, "uptime_s": time.monotonic() - load.started}
 
     def record_autoscaling_stats(self) -> dict:
-        """Serve's custom autoscaling metric (see `app.autoscaling`): the steps this replica was
-        computing or holding queued, on average since the last call. The hot path does not go
-        through Serve, so Serve's own count of ongoing requests would always be 0."""
+        """Serve's custom autoscaling metrics (see `app.autoscaling`). The hot path does not go
+        through Serve, so Serve's own count of ongoing requests would always be 0.
+
+        `ongoing_steps`: steps this replica was computing or holding queued, on average since
+        the last call. `slot_demand`: the sequences it holds plus its share of those waiting at
+        the ingress, over its KV cache slots (as the ingress last said).
+        """
         now, ongoing_s = time.monotonic(), self.server.load.ongoing_s
         window = max(now - self._stats_at, 1e-3)
         ongoing = (ongoing_s - self._stats_ongoing_s) / window
         self._stats_at, self._stats_ongoing_s = now, ongoing_s
-        return {"ongoing_steps": ongoing}
+        demand = self.server.demand
+        return {"ongoing_steps": ongoing,
+                "slot_demand": (demand["sequences"] + demand["waiting"]) / self.num_slots}
 
     def check_health(self) -> None:
         if not self.server.alive:
@@ -139,8 +145,8 @@ class StageDeployment:
                 now = time.monotonic()
                 if now - began > DRAIN_TIMEOUT_S or now - server.load.last_step_at > QUIET_S:
                     break
-            logger.info("Stage%d: %s after %.1f s", self.index,
-                        "drained" if server.released.is_set() else "stopping undrained", time.monotonic() - began)
+            logger.info("Stage%d: %s after %.1f s", self.index, "drained" if server.released.is_set() else
+                        "stopping without a drain (no ingress, or no step for a while)", time.monotonic() - began)
             announcer.close()
         server.close()
 
@@ -193,6 +199,7 @@ class Ingress:
         while True:
             try:
                 await self.refresh()
+                await asyncio.to_thread(self._tell_demand, self.engine.replica_load())
                 now = sorted((r.stage, r.address, r.draining) for r in self.engine.replicas.values())
                 if now != known:
                     logger.info("Ingress: stage replicas (stage, address, draining): %s", now)
@@ -200,6 +207,12 @@ class Ingress:
             except Exception as exc:  # noqa: BLE001 - keep refreshing; steps fail on their own
                 logger.warning("Ingress: cannot read the stage registry: %s", exc)
             await asyncio.sleep(period_s)
+
+    def _tell_demand(self, replicas: list[dict]) -> None:
+        """Tells each stage replica its demand, for its autoscaling metrics."""
+        for replica in replicas:
+            self.pipeline.notify(replica["address"], {"kind": "demand", "sequences": replica["sequences"],
+                                                      "waiting": replica["waiting"]})
 
     async def find_stages(self) -> None:
         """Waits until every stage has a replica that takes sequences (one being replaced, say)."""

@@ -219,6 +219,16 @@ class Engine:
                     best = replica.id
         return best
 
+    def replica_load(self) -> list[dict]:
+        """Each known replica, the sequences it holds, and its share of those waiting for a slot."""
+        usable = [0] * self.num_stages
+        for replica in self.replicas.values():
+            usable[replica.stage] += not replica.draining
+        return [{"id": r.id, "stage": r.stage, "address": r.address, "draining": r.draining,
+                 "sequences": r.num_slots - len(self._free[r.id]),
+                 "waiting": 0.0 if r.draining else len(self.waiting) / usable[r.stage]}
+                for r in sorted(self.replicas.values(), key=lambda r: (r.stage, r.id))]
+
     def available(self) -> bool:
         """Every stage has a replica that takes sequences."""
         stages = {r.stage for r in self.replicas.values() if not r.draining}

@@ -100,10 +100,14 @@ class PipelineClient:
 
     def release(self, address: str) -> None:
         """Tells a draining stage replica that it holds no sequence any more."""
+        self.notify(address, {"kind": "released"})
+
+    def notify(self, address: str, header: dict) -> None:
+        """Sends a stage replica a message that needs no answer (if it is still there)."""
         try:
-            self._out.send(address, {"kind": "released"})
+            self._out.send(address, header)
         except OSError:
-            pass  # already gone
+            pass
 
     def _watch(self, address: str) -> None:
         try:

@@ -39,7 +39,8 @@ class StageServer:
     (logits) goes to the reply address as `{"kind": "result", "step": id}`. A failure is sent
     to the reply address as `{"kind": "error", "step": id, "message"}` so that nobody waits
     forever. `{"kind": "released"}` from the ingress says that this replica, draining, holds no
-    sequence any more (`released` is set).
+    sequence any more (`released` is set); `{"kind": "demand", "sequences", "waiting"}` says how
+    many sequences it holds and its share of those waiting for a slot (kept in `demand`).
 
     Args:
         stage: the `stages.Stage` to serve.
@@ -62,6 +63,7 @@ class StageServer:
         self.num_threads, self.parallel_min_tokens = num_threads, parallel_min_tokens
         self.load = StageLoad()
         self.released = threading.Event()
+        self.demand = {"sequences": 0, "waiting": 0.0}
         self._inbox: queue.Queue = queue.Queue()
         self._out = Connections()
         self._server, self.address = listen(host)
@@ -76,6 +78,9 @@ class StageServer:
     def _on_message(self, header: dict, tensors: list[torch.Tensor]) -> None:
         if header.get("kind") == "released":
             self.released.set()
+            return
+        if header.get("kind") == "demand":
+            self.demand = {"sequences": header["sequences"], "waiting": header["waiting"]}
             return
         self.load.queued += 1
         self._inbox.put((header, tensors, time.monotonic()))

@@ -41,11 +41,13 @@ class ServeRun:
         timeout: seconds to wait until `/v1/models` answers.
         env: extra environment variables.
         metrics_export_port: where Ray's Prometheus endpoint listens (`/metrics`); default: Ray picks.
+        deployments: the application's `deployments:` list (per-deployment overrides).
     """
 
     def __init__(self, args: dict, port: int | None = None, timeout: float = 240, env: dict | None = None,
-                 metrics_export_port: int | None = None):
+                 metrics_export_port: int | None = None, deployments: list[dict] | None = None):
         self.args, self.port, self.timeout = args, port or free_port(), timeout
+        self.deployments = deployments
         self.env = env or {}
         self.metrics_export_port = metrics_export_port
         self.url = f"http://127.0.0.1:{self.port}"
@@ -55,6 +57,8 @@ class ServeRun:
         config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": self.port},
                   "applications": [{"name": "stagewise", "route_prefix": "/", "import_path": "app:build_app",
                                     "args": self.args}]}
+        if self.deployments:
+            config["applications"][0]["deployments"] = self.deployments
         self._dir = tempfile.mkdtemp(prefix="stagewise-serve-")
         path = os.path.join(self._dir, "serve_config.yaml")
         with open(path, "w") as f:
@@ -96,6 +100,17 @@ class ServeRun:
                 self.proc.wait()
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
         self._log.close()
+
+    def get(self, path: str, timeout: float = 30) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.load(r)
+
+    def replicas_per_stage(self) -> list[int]:
+        """Usable (not draining) replicas of each stage, as the ingress sees them (`/health`)."""
+        counts: dict[int, int] = {}
+        for replica in self.get("/health")["replicas"]:
+            counts[replica["stage"]] = counts.get(replica["stage"], 0) + (not replica["draining"])
+        return [counts[stage] for stage in sorted(counts)]
 
     def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),

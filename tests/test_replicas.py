@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from app.engine import Engine, EngineConfig, Replica, Sequence
 from app.pipeline import PipelineClient
@@ -49,9 +49,10 @@ class Cluster:
             server.close()
 
 
-async def generate(engine: Engine, on_token=None) -> tuple[list[list[int]], list[Sequence]]:
+async def generate(engine: Engine, eos: int, on_token=None) -> tuple[list[list[int]], list[Sequence]]:
     queue: asyncio.Queue = asyncio.Queue()
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    # EOS masked until the last token, as generate(min_new_tokens=...) does
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, min_tokens=MAX_TOKENS, stop_token_ids=(eos,))
     seqs = [Sequence(list(ids), params, queue, index=i) for i, ids in enumerate(PROMPTS)]
     for seq in seqs:
         engine.add(seq)
@@ -86,7 +87,7 @@ def test_routes_spread_stick_and_drain(checkpoint):
             engine.set_replicas(cluster.replicas())
 
     try:
-        outputs, seqs = asyncio.run(generate(engine, on_token))
+        outputs, seqs = asyncio.run(generate(engine, AutoConfig.from_pretrained(model_dir).eos_token_id, on_token))
     finally:
         pipeline.close()
         cluster.close()
@@ -117,7 +118,7 @@ def test_a_replica_that_disappears_loses_no_token(checkpoint):
             engine.set_replicas(cluster.replicas())
 
     try:
-        outputs, seqs = asyncio.run(generate(engine, on_token))
+        outputs, seqs = asyncio.run(generate(engine, AutoConfig.from_pretrained(model_dir).eos_token_id, on_token))
     finally:
         pipeline.close()
         cluster.close()

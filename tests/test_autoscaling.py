@@ -1,0 +1,118 @@
+"""Per-stage autoscaling through `serve run`, with the shipped defaults (min 1, max 2 per stage).
+
+Load raises the stages to 2 replicas while streams go on; when it falls, Serve drains the
+extra replicas: their sequences move to the remaining ones by replay, no stream breaks, and
+greedy output stays token-identical to transformers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.serving import ServeRun
+from tests.test_serve import stream_text
+
+HEAVY_CLIENTS, LIGHT_CLIENTS = 24, 4  # 24 > 16 slots: requests wait, so the stages scale up
+HEAVY_TOKENS, LIGHT_TOKENS = 32, 96
+
+
+def wait_for(predicate, timeout: float, period: float = 1.0) -> float:
+    began = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - began < timeout, "timed out"
+        time.sleep(period)
+    return time.monotonic() - began
+
+
+class Clients:
+    """Threads sending greedy streams in a loop and checking each against transformers."""
+
+    def __init__(self, server: ServeRun, prompts: list[list[int]], expected: list[str], max_tokens: int):
+        self.server, self.prompts, self.expected, self.max_tokens = server, prompts, expected, max_tokens
+        self.stop = threading.Event()
+        self.done, self.errors = 0, []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(prompts))]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, i: int) -> None:
+        body = {"model": self.server.model, "prompt": self.prompts[i], "max_tokens": self.max_tokens,
+                "temperature": 0, "min_tokens": self.max_tokens}
+        while not self.stop.is_set():
+            try:
+                text, _, _ = stream_text(self.server, body)
+                if text != self.expected[i]:
+                    self.errors.append(f"client {i}: {text!r} != {self.expected[i]!r}")
+                self.done += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is reported by the test
+                self.errors.append(f"client {i}: {exc!r}")
+
+    def join(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(120)
+
+
+def references(model_dir: str, num: int, max_tokens: int) -> tuple[list[list[int]], list[str]]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompts = [tokenizer(f"request {i} asks about the river").input_ids for i in range(num)]
+    texts = []
+    for ids in prompts:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False)
+        texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False))
+    return prompts, texts
+
+
+def test_stages_scale_up_under_load_and_drain_when_it_falls(checkpoint):
+    model_dir = checkpoint("llama")
+    heavy = references(model_dir, HEAVY_CLIENTS, HEAVY_TOKENS)
+    light = references(model_dir, LIGHT_CLIENTS, LIGHT_TOKENS)
+    with ServeRun({"model": model_dir, "num_stages": 2, "max_model_len": 256}) as server:
+        assert server.replicas_per_stage() == [1, 1]
+        light_clients = Clients(server, *light, LIGHT_TOKENS)
+        heavy_clients = Clients(server, *heavy, HEAVY_TOKENS)
+        try:
+            up_s = wait_for(lambda: server.replicas_per_stage() == [2, 2], timeout=150)
+            done_before = heavy_clients.done + light_clients.done
+            time.sleep(5)  # streams go on over 2 replicas of each stage
+            assert heavy_clients.done + light_clients.done > done_before
+        finally:
+            heavy_clients.join()
+        try:
+            moved_before = server.get("/health")["moved"]
+            down_s = wait_for(lambda: server.replicas_per_stage() == [1, 1], timeout=180)
+            health = server.get("/health")
+            time.sleep(3)  # streams go on after the scale-down
+        finally:
+            light_clients.join()
+    log = server.log()  # complete once Ray has stopped
+    assert not heavy_clients.errors and not light_clients.errors, (heavy_clients.errors + light_clients.errors)[:5]
+    assert heavy_clients.done >= HEAVY_CLIENTS and light_clients.done >= 2 * LIGHT_CLIENTS
+    assert health["moved"] > moved_before  # light streams were on a replica that drained, and moved
+    assert log.count("drained after") >= 2, "both stages' extra replicas drained"
+    print(f"scaled up in {up_s:.0f} s, down {down_s:.0f} s after the load fell; "
+          f"{health['moved'] - moved_before} sequences moved")
+
+
+@pytest.mark.parametrize("stage", ["Stage1"])
+def test_one_stage_overridden_in_the_config(checkpoint, stage):
+    """`deployments:` in serve_config.yaml overrides one stage's autoscaling (here: fixed at 2)."""
+    model_dir = checkpoint("llama")
+    prompts, expected = references(model_dir, 2, 24)
+    override = {"name": stage, "autoscaling_config": {
+        "min_replicas": 2, "max_replicas": 2, "policy": {"policy_function": "app.autoscaling:StagePolicy"}}}
+    with ServeRun({"model": model_dir, "num_stages": 2, "max_model_len": 256}, deployments=[override]) as server:
+        wait_for(lambda: server.replicas_per_stage() == [1, 2], timeout=60)
+        for ids, text in zip(prompts, expected):
+            body = {"model": server.model, "prompt": ids, "max_tokens": 24, "temperature": 0, "min_tokens": 24}
+            assert stream_text(server, body)[0] == text
+        replicas = server.get("/health")["replicas"]
+    assert sorted(r["stage"] for r in replicas) == [0, 1, 1]
