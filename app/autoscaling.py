@@ -24,7 +24,7 @@ DEFAULT_STAGE_AUTOSCALING = {
     "downscale_delay_s": 30.0,
     "look_back_period_s": 12.0,
     "policy": {"policy_function": "app.autoscaling:StagePolicy",
-               "policy_kwargs": {"target_ongoing_steps": 1.0, "target_slot_demand": 0.9}},
+               "policy_kwargs": {"target_ongoing_steps": 1.0, "target_slot_demand": 1.0}},
 }
 
 
@@ -36,10 +36,11 @@ class StagePolicy:
 
     Args:
         target_ongoing_steps: ongoing steps per replica to aim at (1: scale when steps queue).
-        target_slot_demand: share of its KV cache slots a replica should be asked for.
+        target_slot_demand: sequences per KV cache slot a replica should be asked for (1: scale
+            when sequences wait for a slot).
     """
 
-    def __init__(self, target_ongoing_steps: float = 1.0, target_slot_demand: float = 0.9):
+    def __init__(self, target_ongoing_steps: float = 1.0, target_slot_demand: float = 1.0):
         if target_ongoing_steps <= 0 or target_slot_demand <= 0:
             raise ValueError("the targets must be > 0")
         self.targets = {"ongoing_steps": target_ongoing_steps, "slot_demand": target_slot_demand}

@@ -11,6 +11,7 @@ compares, end to end over HTTP at the client:
   (c) time to first token for a 256-token prompt against `generate(max_new_tokens=1)`.
 Prompts of (a) and (b) are 24 tokens. The baseline runs warm, with torch's default threads,
 while the server is idle. Prints the median of the rounds and the ratios (>1: stagewise faster).
+Each stage has one replica (`stage_autoscaling: null`; `--extra` can change any builder arg).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     short = prompts(tokenizer, NUM_STREAMS, PROMPT_TOKENS)
     long = prompts(tokenizer, 1, LONG_PROMPT_TOKENS)[0]
-    builder = {"model": model_dir, "num_stages": args.num_stages, "max_model_len": 1024}
+    # One replica per stage: this measures the pipeline, not the autoscaler (load_tests/scaling.py does).
+    builder = {"model": model_dir, "num_stages": args.num_stages, "max_model_len": 1024, "stage_autoscaling": None}
     builder.update(dict(kv.split("=", 1) for kv in args.extra))
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
