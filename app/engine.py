@@ -352,6 +352,8 @@ class Engine:
     def _next_batches(self, busy: dict[tuple[str, ...], int]):
         """Yields (route, rows) for every route with room for another step in flight."""
         by_route: dict[tuple[str, ...], list[Sequence]] = {}
+        routes = {seq.route for seq in self.running}
+        self._last_kind = {route: kind for route, kind in self._last_kind.items() if route in routes}
         for seq in self.running:
             if (not seq.in_flight and not seq.finished and seq.num_pending > 0
                     and all(replica_id in self.replicas for replica_id in seq.route)):
