@@ -38,7 +38,8 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "running": engine.num_running, "waiting": len(engine.waiting), **engine.stats,
-                "replicas": engine.replica_load()}
+                # which stage replicas the ingress routes to (data-plane addresses stay internal)
+                "replicas": [{k: r[k] for k in ("stage", "draining", "sequences")} for r in engine.replica_load()]}
 
     @app.get("/v1/models")
     async def models() -> ModelList:
