@@ -123,10 +123,10 @@ class PipelineClient:
         for on_gone in callbacks:
             on_gone()
 
-    def fail_pending(self, message: str, address: str | None = None) -> None:
-        """Fails the steps in flight (through `address`, or all): their caches can no longer be trusted."""
+    def fail_pending(self, message: str, address: str) -> None:
+        """Fails the steps in flight through `address`: their caches can no longer be trusted."""
         with self._lock:
-            failed = [key for key, (_, _, route) in self._pending.items() if address is None or address in route]
+            failed = [key for key, (_, _, route) in self._pending.items() if address in route]
             entries = [self._pending.pop(key) for key in failed]
         for loop, future, _ in entries:
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(message))
