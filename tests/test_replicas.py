@@ -67,6 +67,15 @@ async def generate(engine: Engine, eos: int, on_token=None) -> tuple[list[list[i
     return [seq.output_ids for seq in seqs], seqs
 
 
+def run(model_dir: str, cluster: Cluster, pipeline: PipelineClient, engine: Engine, on_token):
+    """Generates every prompt through `engine`, then closes the pipeline and the stage servers."""
+    try:
+        return asyncio.run(generate(engine, AutoConfig.from_pretrained(model_dir).eos_token_id, on_token))
+    finally:
+        pipeline.close()
+        cluster.close()
+
+
 def test_routes_spread_stick_and_drain(checkpoint):
     model_dir = checkpoint("llama")
     expected = reference(model_dir)
@@ -86,11 +95,7 @@ def test_routes_spread_stick_and_drain(checkpoint):
             cluster.draining.add("b1")  # scale-down of b1 while its sequences are mid-stream
             engine.set_replicas(cluster.replicas())
 
-    try:
-        outputs, seqs = asyncio.run(generate(engine, AutoConfig.from_pretrained(model_dir).eos_token_id, on_token))
-    finally:
-        pipeline.close()
-        cluster.close()
+    outputs, seqs = run(model_dir, cluster, pipeline, engine, on_token)
     assert outputs == expected
     # New sequences were spread over both replicas of stage 1 (4 slots each, 6 sequences).
     assert {seen[0][1] for seen in routes.values()} == {"b1", "b2"}
@@ -117,11 +122,7 @@ def test_a_replica_that_disappears_loses_no_token(checkpoint):
             cluster.present.discard(seq.route[1])  # gone from the registry
             engine.set_replicas(cluster.replicas())
 
-    try:
-        outputs, seqs = asyncio.run(generate(engine, AutoConfig.from_pretrained(model_dir).eos_token_id, on_token))
-    finally:
-        pipeline.close()
-        cluster.close()
+    outputs, seqs = run(model_dir, cluster, pipeline, engine, on_token)
     assert outputs == expected
     assert engine.stats["moved"] >= 1 and all(seq.route is None for seq in seqs)
     assert removed[0] not in engine._free  # forgotten once nothing held a slot there
