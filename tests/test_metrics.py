@@ -148,6 +148,9 @@ def test_metrics_scraped_after_a_few_requests(served):
         if (total(samples, "ray_stagewise_requests_total", status="200") == 3
                 and total(samples, "ray_stagewise_requests_total", status="400") == 1
                 and total(samples, "ray_stagewise_time_per_output_token_seconds_count") == 3
+                # each replica exports on its own: wait for both stages' last steps too
+                and all(total(samples, "ray_stagewise_stage_sequences_total", stage=stage) == 3 * 8
+                        for stage in ("0", "1"))
                 and re.search(STAGE_LINE, server.log()) and re.search(INGRESS_LINE, server.log())):
             break
         time.sleep(2)
