@@ -154,14 +154,7 @@ def build_app(args: BuilderArgs):
     stages = []
     for index, (start, end, placed) in enumerate(planned):
         options = {"num_cpus": args.stage_num_cpus, "num_gpus": num_gpus, **placed,
-                   # A short OpenMP spin: threads still spin between the ops of a step, but an idle
-                   # stage stops spinning soon instead of stealing the core the next stage needs.
-                   # glibc keeps bitsandbytes' large temporaries unless they are mmapped.
-                   # Autoscaling metrics reach the controller every second, not every 10 s.
-                   "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads),
-                                                "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000"),
-                                                "MALLOC_MMAP_THRESHOLD_": "131072",
-                                                "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}}
+                   "runtime_env": {"env_vars": stage_env(threads, quantizations[index])}}
         scaling = ({"autoscaling_config": args.stage_autoscaling} if args.stage_autoscaling is not None
                    else {"num_replicas": 1})
         deployment = serve.deployment(StageDeployment, name=f"Stage{index}", ray_actor_options=options,
@@ -179,6 +172,21 @@ def build_app(args: BuilderArgs):
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=args.max_batch_size + args.max_queued_requests + 64)
     return ingress.bind(stages, model_dir, served_name, config)
+
+
+def stage_env(threads: int, quantization: str) -> dict[str, str]:
+    """Environment variables of a stage replica's process."""
+    env = {"OMP_NUM_THREADS": str(threads),
+           # A short OpenMP spin: threads still spin between the ops of a step, but an idle stage
+           # stops spinning soon instead of stealing the core the next stage needs.
+           "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000"),
+           # Autoscaling metrics reach the controller every second, not every 10 s.
+           "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+    # glibc keeps large temporaries (bitsandbytes', a packed layer's blocks of rows while it
+    # loads) unless they are mmapped. Not a decode step's activations of a float stage: mapping
+    # them afresh every step cost 8% of the step (2 MiB of logits, for one).
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072" if quantization != "none" else str(4 * 2**20)
+    return env
 
 
 def _default_gpus_per_stage(num_stages: int) -> float:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -179,6 +181,34 @@ def iter_tensors(model_dir: str, names: dict[str, str], files: dict[str, str], *
             with safe_open(path, framework="pt") as f:
                 for ours, theirs in group:
                     yield ours, f.get_tensor(theirs)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_rows(path: str, name: str, start: int, end: int) -> torch.Tensor:
+    """Rows `[start, end)` of a stored tensor, read into memory of their own.
+
+    A plain read, not a memory map: the file's pages stay in the page cache, not in this
+    process, so a caller that converts each block of rows and drops it holds one block at a time.
+    """
+    offset, shape, dtype = _stored(path, name)
+    out = torch.empty((end - start, *shape[1:]), dtype=dtype)
+    row_bytes = math.prod(shape[1:]) * out.element_size()
+    with open(path, "rb") as f:
+        f.seek(offset + start * row_bytes)
+        f.readinto(out.view(-1).view(torch.uint8).numpy())
+    return out
+
+
+def _stored(path: str, name: str) -> tuple[int, list[int], torch.dtype]:
+    """(file offset of the data, shape, dtype) of a tensor in a safetensors file."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(header_len))[name]
+    return 8 + header_len + info["data_offsets"][0], info["shape"], SAFETENSORS_DTYPES[info["dtype"]]
 
 
 def load_tensors(model_dir: str, names: dict[str, str], files: dict[str, str]) -> dict[str, torch.Tensor]:

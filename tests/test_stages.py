@@ -8,10 +8,12 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import Stage
-from stages.loading import weight_map
+from stages.loading import read_rows, weight_map
+from stages.packed import PackedLinear
 from tests.checkpoints import ARCHITECTURES
 from tests.recording import record_reads
 
@@ -105,7 +107,9 @@ def test_stage_reads_only_its_own_tensors(checkpoint, monkeypatch):
 def test_tied_head_on_the_last_stage(checkpoint, arch):
     model_dir = checkpoint(arch)
     first, last = Stage(model_dir, 0, 3), Stage(model_dir, 3, 6)
-    assert torch.equal(first.embed.weight, last.head.weight)
+    hidden = torch.randn(4, first.embed.weight.shape[1])
+    # The last stage's head may hold the matrix in oneDNN's layout (stages.packed): compare products.
+    torch.testing.assert_close(last.head(hidden), hidden @ first.embed.weight.T, rtol=1e-5, atol=1e-5)
     alone = Stage(model_dir, 0, 6)
     assert alone.head.weight is alone.embed.weight  # one copy when a stage holds both
 
@@ -120,3 +124,42 @@ def test_bad_ranges_are_refused(checkpoint):
 def test_compute_packages_do_not_import_ray():
     code = "import sys, stages, placement, stages.stage; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_packed_linear_computes_what_linear_does():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 50)
+    x = torch.randn(3, 5, 64)
+    whole = PackedLinear.from_linear(linear)
+    by_rows = PackedLinear(linear.weight.split(16), linear.bias)  # 4 blocks of rows, the last short
+    assert (whole.out_features, by_rows.out_features, len(by_rows.bounds)) == (50, 50, 5)
+    with torch.inference_mode():
+        for packed in (whole, by_rows):
+            torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_read_rows_reads_what_safetensors_stores(checkpoint):
+    model_dir = checkpoint("llama")
+    files = weight_map(model_dir)
+    name = next(n for n in files if n.endswith("mlp.up_proj.weight"))
+    path = os.path.join(model_dir, files[name])
+    with safe_open(path, framework="pt") as f:
+        stored = f.get_tensor(name)
+    assert torch.equal(read_rows(path, name, 3, 7), stored[3:7])
+
+
+def test_float_stages_pack_their_linear_layers_and_quantized_ones_do_not(checkpoint, monkeypatch):
+    model_dir = checkpoint("llama")
+    monkeypatch.setattr("stages.stage.PACK_BLOCK_BYTES", 4096)  # the head is read by blocks of rows
+    last = Stage(model_dir, 3, 6)
+    assert isinstance(last.head, PackedLinear) and len(last.head.bounds) > 2
+    assert isinstance(last.blocks[0].mlp.up_proj, PackedLinear)
+    nf4 = Stage(model_dir, 3, 6, quantization="nf4")
+    assert type(nf4.head) is torch.nn.Linear
+    # the packed stage computes what the unpacked one does
+    hidden = torch.randn(1, 4, last.config.hidden_size)
+    args = (torch.tensor([0]), torch.tensor([0]), torch.tensor([4]))
+    monkeypatch.setattr("stages.stage.can_pack", lambda device, dtype: False)
+    plain = Stage(model_dir, 3, 6)
+    assert type(plain.head) is torch.nn.Linear
+    torch.testing.assert_close(last(hidden, *args), plain(hidden, *args), rtol=1e-4, atol=1e-4)
