@@ -9,7 +9,7 @@ as they already do between batch sizes.
 
 Measured on this project's 2-core CPU, one thread, 16 rows: 40 `Linear(768, 2048)` in 54 ms with
 `nn.Linear` against 29 ms packed, and a 32000-token LM head in 26 ms against 10 ms (`python
-load_tests/packed_linear.py` measures the whole stage).
+load_tests/step_compute.py` measures whole decode steps).
 """
 
 from __future__ import annotations
