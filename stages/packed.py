@@ -24,8 +24,11 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether linear layers on `device` at `dtype` can run on prepacked oneDNN weights."""
-    return (device.type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.enabled
-            and torch.backends.mkldnn.is_available())
+    if device.type != "cpu" or dtype not in PACKABLE_DTYPES:
+        return False
+    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX-512 CPUs
 
 
 class PackedLinear(nn.Module):

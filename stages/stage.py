@@ -85,8 +85,8 @@ class Stage(nn.Module):
         self.is_first, self.is_last = start == 0, end == num_layers
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
         self.quantization = normalize_quantization(quantization)
-        # A quantized stage is one that must fit in little memory: its float head is not copied
-        # into oneDNN's layout (for a moment, while a matrix is packed, it is held twice).
+        # A quantized stage is one that must fit in little memory: its float head stays as it is
+        # loaded (packing holds a block of its rows twice for a moment, and oneDNN adds its own).
         self.packs_linears = can_pack(self.device, self.dtype) and not self.quantization
 
         # Buffers stay real (include_buffers=False): rotary frequencies and the like are computed

@@ -163,3 +163,13 @@ def test_float_stages_pack_their_linear_layers_and_quantized_ones_do_not(checkpo
     plain = Stage(model_dir, 3, 6)
     assert type(plain.head) is torch.nn.Linear
     torch.testing.assert_close(last(hidden, *args), plain(hidden, *args), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_stages_match_transformers_in_bfloat16(checkpoint):
+    """On the CPU a bfloat16 stage runs packed layers too (where oneDNN supports bfloat16)."""
+    model_dir = checkpoint("llama")
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    stages = [Stage(model_dir, start, end, dtype="bfloat16") for start, end in SPLITS[2]]
+    assert greedy(stages, ids, 12) == expected[0, len(ids):].tolist()
