@@ -69,6 +69,22 @@ class _Ticker:
         self._stop.set()
 
 
+class _Window:
+    """Differences of running totals over windows of `interval_s` (0: none), for activity lines."""
+
+    def __init__(self, interval_s: float, zeros: tuple):
+        self.interval_s, self._last, self._since = interval_s, zeros, time.monotonic()
+
+    def advance(self, totals: tuple) -> tuple[float, tuple] | None:
+        """(seconds, differences) since the last window once `interval_s` has passed, else None."""
+        now = time.monotonic()
+        if not self.interval_s or now - self._since < self.interval_s:
+            return None
+        deltas = tuple(a - b for a, b in zip(totals, self._last))
+        seconds, self._since, self._last = now - self._since, now, totals
+        return seconds, deltas
+
+
 class StageMetrics:
     """Per-stage metrics, recorded by the stage's compute thread once per step.
 
@@ -84,8 +100,7 @@ class StageMetrics:
         # Running totals, written only by the compute thread; the log thread reports differences.
         self._steps = self._rows = self._tokens = 0
         self._busy_s, self._queued = 0.0, 0
-        self._last, self._since = (0, 0, 0, 0.0), time.monotonic()
-        self._log_interval_s, self._ticker = log_interval_s, None
+        self._window, self._ticker = _Window(log_interval_s, (0, 0, 0, 0.0)), None
         if not self.enabled:
             return
         from ray.serve import metrics
@@ -135,11 +150,10 @@ class StageMetrics:
 
     def _tick(self) -> None:
         self._queue.set(self._queued)
-        totals, now = (self._steps, self._rows, self._tokens, self._busy_s), time.monotonic()
-        if not self._log_interval_s or now - self._since < self._log_interval_s:
+        window = self._window.advance((self._steps, self._rows, self._tokens, self._busy_s))
+        if window is None:
             return
-        steps, rows, tokens, busy_s = (a - b for a, b in zip(totals, self._last))
-        seconds, self._since, self._last = now - self._since, now, totals
+        seconds, (steps, rows, tokens, busy_s) = window
         if steps:
             logger.info("Stage%d: %.1f steps/s, %.1f tokens/s, %.1f sequences per step, busy %.0f%%, %d queued",
                         self.stage_index, steps / seconds, tokens / seconds, rows / steps,
@@ -164,8 +178,7 @@ class IngressMetrics:
         # Running totals, written on the event loop; the log thread reports differences.
         self._requests = self._prompt = self._generated = 0
         self._running = self._waiting = 0
-        self._last, self._since = (0, 0, 0), time.monotonic()
-        self._log_interval_s, self._ticker = log_interval_s, None
+        self._window, self._ticker = _Window(log_interval_s, (0, 0, 0)), None
         if not self.enabled:
             return
         from ray.serve import metrics
@@ -235,11 +248,10 @@ class IngressMetrics:
     def _tick(self) -> None:
         self._running_gauge.set(self._running)
         self._waiting_gauge.set(self._waiting)
-        totals, now = (self._requests, self._prompt, self._generated), time.monotonic()
-        if not self._log_interval_s or now - self._since < self._log_interval_s:
+        window = self._window.advance((self._requests, self._prompt, self._generated))
+        if window is None:
             return
-        requests, prompt, generated = (a - b for a, b in zip(totals, self._last))
-        seconds, self._since, self._last = now - self._since, now, totals
+        seconds, (requests, prompt, generated) = window
         if requests or generated or self._running or self._waiting:
             logger.info("Ingress: %d requests done, prompt %.1f tokens/s, generation %.1f tokens/s, "
                         "%d sequences running, %d waiting", requests, prompt / seconds, generated / seconds,
