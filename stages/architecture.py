@@ -33,8 +33,8 @@ class Architecture:
         rotary: the base model's rotary module, or None.
         sliding: per block, the sliding-window size it attends within, or None for full causal.
         tied: the head shares the embedding's weight.
-        cache_arg: the keyword a block takes its KV cache by ("past_key_values"; GPT-NeoX:
-            "layer_past").
+        cache_arg: the keyword a block's `forward` takes its KV cache by, read from its
+            signature (see `CACHE_ARGS`).
     """
 
     model_type: str
@@ -66,12 +66,21 @@ def _sliding_windows(config, num_layers: int) -> tuple[int | None, ...]:
     return (None,) * num_layers
 
 
+# The keyword a decoder block takes its KV cache by, newest name first. Seen: transformers
+# 5.23 says "past_key_values" (GPT-NeoX, BLOOM, Falcon: "layer_past"); 5.24 renamed it "cache" for
+# most models (Llama, GPT-2, Qwen2/3, Mistral, Phi-3, Gemma 1/2, OPT, Mixtral, Qwen2-MoE) and keeps
+# the old name as a deprecated alias; "past_key_value" is 4.x's.
+CACHE_ARGS = ("cache", "past_key_values", "layer_past", "past_key_value")
+
+
 def _cache_arg(block: nn.Module) -> str:
+    # inspect follows the __wrapped__ of transformers' deprecate_kwarg, so this is the real name.
     params = inspect.signature(block.forward).parameters
-    for name in ("past_key_values", "layer_past", "past_key_value"):
+    for name in CACHE_ARGS:
         if name in params:
             return name
-    raise ValueError(f"{type(block).__name__}.forward takes no KV cache argument")
+    raise ValueError(f"{type(block).__name__}.forward takes no KV cache argument "
+                     f"(looked for {', '.join(CACHE_ARGS)}; transformers may have renamed it again)")
 
 
 def _is_tied(model: nn.Module, head_name: str) -> bool:

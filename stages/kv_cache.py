@@ -73,7 +73,7 @@ class StepRows:
 class KVCache:
     """Keys and values of the blocks `[start, end)` for `num_slots` sequences.
 
-    Follows the `update(key, value, layer_idx, cache_kwargs)` protocol of transformers' `Cache`,
+    Follows the `update(key, value, layer_idx, ...)` protocol of transformers' `Cache`,
     which its attention modules call with their global block index.
 
     Args:
@@ -129,15 +129,17 @@ class KVCache:
             new[:, :, : self.capacity] = old
         self.keys, self.values, self.capacity = new_keys, new_values, capacity
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes a step's new keys/values and returns each row's keys/values so far.
 
         Args:
             key: (B, H, T, D) new keys.
             value: (B, H, T, D) new values.
             layer_idx: global block index.
-            cache_kwargs: ignored (rotary is applied before the cache).
+            *args, **kwargs: ignored (rotary is applied before the cache). transformers 5.23 passes
+                `cache_kwargs` positionally or not at all, 5.24 passes `kwargs=` (the attention's
+                keyword arguments); any later spelling is accepted the same way.
 
         Returns:
             keys and values, each (B, H, length, D).
