@@ -11,14 +11,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.completions import Completion, ModelInfo, PipelineError
 from app.engine import Engine, Overloaded
-from app.errors import (SERVICE_UNAVAILABLE, NotFound, Overloaded as OverloadedError, error_body, error_response,
-                        install_error_handlers, parse_json_body)
+from app.errors import (SERVICE_UNAVAILABLE, NotFound, Overloaded as OverloadedError, Unavailable, error_body,
+                        error_response, install_error_handlers, parse_json_body)
+from app.health import health_body, stage_report, unavailable_reason
 from app.protocol import CompletionRequest, ModelCard, ModelList
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine, model: ModelInfo, metrics=None) -> FastAPI:
+def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None) -> FastAPI:
     """Builds the app: `GET /v1/models`, `POST /v1/completions`, `GET /health`.
 
     Args:
@@ -26,6 +27,8 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None) -> FastAPI:
         model: the served model's name, tokenizer and limits.
         metrics: has `request_finished(status)`, told the HTTP status of every completions
             response, errors included (e.g. `app.metrics.IngressMetrics`; None: not counted).
+        announced: returns what the stage replicas announced, loading or failed ones included
+            (see `app.health`); None: the engine's replicas, every one ready.
 
     Returns:
         The FastAPI app (Serve wraps it as the ingress; tests use it directly).
@@ -35,11 +38,18 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None) -> FastAPI:
     if metrics is not None:
         app.add_middleware(CountStatuses, metrics=metrics, path="/v1/completions")
 
+    def report() -> list[dict]:
+        entries = announced() if announced is not None else [
+            {"id": r.id, "stage": r.stage, "state": "ready", "draining": r.draining, "node": r.address.rpartition(":")[0]}
+            for r in engine.replicas.values()]
+        held = {r["id"]: r["sequences"] for r in engine.replica_load()}
+        return stage_report(engine.num_stages, entries, held)
+
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "running": engine.num_running, "waiting": len(engine.waiting), **engine.stats,
-                # which stage replicas the ingress routes to (data-plane addresses stay internal)
-                "replicas": [{k: r[k] for k in ("stage", "draining", "sequences")} for r in engine.replica_load()]}
+    async def health() -> JSONResponse:
+        status, body = health_body(report(), engine.alive, engine.restarts)
+        body["engine"].update(running=engine.num_running, waiting=len(engine.waiting), **engine.stats)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -51,6 +61,9 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None) -> FastAPI:
         body = await parse_json_body(request, CompletionRequest)
         if body.model != model.name:
             raise NotFound(f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+        reason = unavailable_reason(report())
+        if reason is not None:
+            raise Unavailable(reason)
         completion = Completion(body, engine, model)
         try:
             completion.start()

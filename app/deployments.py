@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from app.api import create_app
 from app.completions import ModelInfo
 from app.engine import Engine, EngineConfig, Replica
+from app.health import stage_report, unavailable_reason
 from app.metrics import IngressMetrics, StageMetrics
 from app.pipeline import PipelineClient
 from app.registry import Announcer, Registry, registry_name
@@ -26,6 +28,7 @@ from stages import Stage
 
 logger = logging.getLogger("ray.serve")
 
+LOAD_RETRY_S = 10.0  # a stage whose load failed tries again this often
 DRAIN_TIMEOUT_S = 20.0  # a draining stage replica waits this long at most for its sequences to move
 QUIET_S = 3.0  # ... or until no step has reached it for this long (the ingress is gone or idle)
 
@@ -53,6 +56,13 @@ def process_memory() -> dict:
 class StageDeployment:
     """One block range `[start, end)` on one replica.
 
+    The replica is up at once and loads its blocks in a thread: Serve sees a healthy replica
+    whatever the load does. A load that fails (a bad or truncated checkpoint, a missing tensor,
+    an unsupported architecture, too little memory) is logged, announced with its cause (the
+    ingress shows it in `/health` and in every request's 503) and tried again every
+    `LOAD_RETRY_S`, so a fixed checkpoint serves without a restart. Serve's default (raise in
+    the constructor) would replace the replica in a loop that tells the user nothing.
+
     Args:
         model_dir: checkpoint directory (present on the replica's node).
         index: the stage's position in the pipeline.
@@ -69,33 +79,57 @@ class StageDeployment:
     def __init__(self, model_dir: str, index: int, start: int, end: int, *, dtype: str = "float32",
                  max_batch_size: int = 16, max_model_len: int = 2048, num_threads: int | None = None,
                  parallel_min_tokens: int = 64, quantization: str = "none"):
-        import ray
+        from ray import serve
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        logger.info("Stage%d: loading blocks [%d, %d) of %s on %s (%s, %s, %d threads)", index, start, end,
-                    model_dir, device, dtype, quantization, torch.get_num_threads())
         if quantization != "none":
             logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns on every int8 forward
         self.index, self.num_slots = index, max_batch_size
-        self.stage = Stage(model_dir, start, end, dtype=dtype, device=device, num_slots=max_batch_size,
-                           max_len=max_model_len, quantization=quantization)
-        self.server = StageServer(self.stage, host=_node_ip(), num_threads=num_threads,
-                                  parallel_min_tokens=parallel_min_tokens, metrics=StageMetrics(index))
-        logger.info("Stage%d: %.1f MiB of weights loaded; data plane at %s", index,
-                    self.stage.weight_bytes() / 2**20, self.server.address)
+        self.stage = self.server = None
         self._stats_at, self._stats_ongoing_s = time.monotonic(), 0.0
-        self.announcer = None
-        from ray import serve
-
+        self._closed = threading.Event()
         context = serve.get_replica_context()
         self.announcer = Announcer(context.app_name, {
-            "id": context.replica_id.unique_id, "stage": index, "address": self.server.address,
-            "num_slots": max_batch_size, "draining": False})
+            "id": context.replica_id.unique_id, "stage": index, "start": start, "end": end, "node": _node_ip(),
+            "state": "starting", "error": None, "address": None, "num_slots": max_batch_size, "draining": False})
+        load = dict(model_dir=model_dir, start=start, end=end, dtype=dtype, num_slots=max_batch_size,
+                    max_len=max_model_len, quantization=quantization)
+        threading.Thread(target=self._load_until_loaded, args=(load, num_threads, parallel_min_tokens),
+                         daemon=True, name="stagewise-load").start()
+
+    def _load_until_loaded(self, load: dict, num_threads: int | None, parallel_min_tokens: int) -> None:
+        import ray
+
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        name = f"Stage{self.index}"
+        while not self._closed.is_set():
+            logger.info("%s: loading blocks [%d, %d) of %s on %s (%s, %s, %d threads)", name, load["start"],
+                        load["end"], load["model_dir"], device, load["dtype"], load["quantization"],
+                        torch.get_num_threads())
+            try:
+                stage = Stage(load["model_dir"], load["start"], load["end"], device=device,
+                              **{k: v for k, v in load.items() if k not in ("model_dir", "start", "end")})
+            except Exception as exc:  # noqa: BLE001 - whatever the cause, say it and try again later
+                cause = f"{type(exc).__name__}: {exc}"
+                logger.error("%s failed to load: %s (trying again in %.0f s)", name, cause, LOAD_RETRY_S,
+                             exc_info=True)
+                self.announcer.update(state="failed", error=cause)
+                self._closed.wait(LOAD_RETRY_S)
+                continue
+            self.server = StageServer(stage, host=_node_ip(), num_threads=num_threads,
+                                      parallel_min_tokens=parallel_min_tokens, metrics=StageMetrics(self.index))
+            self.stage = stage
+            logger.info("%s: %.1f MiB of weights loaded; data plane at %s", name, stage.weight_bytes() / 2**20,
+                        self.server.address)
+            self.announcer.update(state="ready", error=None, address=self.server.address)
+            return
 
     def info(self) -> dict:
-        """Where this replica listens, and what it holds."""
+        """Where this replica listens, and what it holds (`state` alone until it has loaded)."""
+        if self.stage is None:
+            return {"index": self.index, "state": self.announcer.replica["state"],
+                    "error": self.announcer.replica["error"]}
         return {"index": self.index, "address": self.server.address, "start": self.stage.start,
                 "end": self.stage.end, "pid": os.getpid(), "weight_bytes": self.stage.weight_bytes(),
                 "device": str(self.stage.device), "quantization": self.stage.quantization or "none",
@@ -115,6 +149,8 @@ class StageDeployment:
         the last call. `slot_demand`: the sequences it holds plus its share of those waiting at
         the ingress, over its KV cache slots (as the ingress last said).
         """
+        if self.server is None:
+            return {"ongoing_steps": 0.0, "slot_demand": 0.0}
         now, ongoing_s = time.monotonic(), self.server.load.ongoing_s
         window = max(now - self._stats_at, 1e-3)
         ongoing = (ongoing_s - self._stats_ongoing_s) / window
@@ -124,7 +160,9 @@ class StageDeployment:
                 "slot_demand": (demand["sequences"] + demand["waiting"]) / self.num_slots}
 
     def check_health(self) -> None:
-        if not self.server.alive:
+        # A stage still loading, or whose load failed, is healthy to Serve: replacing it would
+        # only load again. It says what is wrong through the registry instead.
+        if self.server is not None and not self.server.alive:
             raise RuntimeError("the stage's compute thread has stopped")
 
     def __del__(self):
@@ -134,9 +172,13 @@ class StageDeployment:
         another replica of this stage (by replay) and says when none is left. Without an
         ingress, or when no step comes for `QUIET_S`, there is nothing to wait for.
         """
+        if hasattr(self, "_closed"):
+            self._closed.set()  # a load that is retrying stops
         server, announcer = getattr(self, "server", None), getattr(self, "announcer", None)
         self.server = self.announcer = None
         if server is None:
+            if announcer is not None:
+                announcer.close()
             return
         if announcer is not None:
             began = time.monotonic()
@@ -184,29 +226,51 @@ class Ingress:
         self.engine = Engine(self.pipeline, engine_config, len(stages), recover=self.find_stages,
                              on_drained=lambda replica: self.pipeline.release(replica.address),
                              metrics=self.metrics)
-        await self.find_stages()
+        self.announced: list[dict] = []  # what the stage replicas said last, loading or failed ones too
+        # Ready at once, without waiting for the stages: /health and the 503s say what they do.
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
-        logger.info("Ingress: serving %s through %d stages: %s", served_name, len(stages),
-                    sorted((r.stage, r.address) for r in self.engine.replicas.values()))
+        logger.info("Ingress: %s through %d stages; waiting for them to load", served_name, len(stages))
 
     async def refresh(self) -> None:
-        """Tells the engine which stage replicas there are now."""
+        """Tells the engine which stage replicas serve now (those loaded and not seen to die)."""
         found = await asyncio.wait_for(self.registry.replicas.remote(), timeout=5)
-        self.engine.set_replicas([Replica(**replica) for replica in found])
+        self.announced = [r for r in found if not self.engine.gone(r["id"])]
+        self.engine.set_replicas([Replica(r["id"], r["stage"], r["address"], r["num_slots"], r["draining"])
+                                  for r in self.announced if r.get("state") == "ready"])
 
     async def _refresh_forever(self, period_s: float = 0.5) -> None:
-        known = None
+        known, ready_once = None, False
         while True:
             try:
                 await self.refresh()
                 await asyncio.to_thread(self._tell_demand, self.engine.replica_load())
-                now = sorted((r.stage, r.address, r.draining) for r in self.engine.replicas.values())
+                report = stage_report(self.num_stages, self.announced)
+                now = [(s["name"], s["state"], s["node"], s["error"]) for s in report]
                 if now != known:
-                    logger.info("Ingress: stage replicas (stage, address, draining): %s", now)
+                    logger.info("Ingress: stages %s", "; ".join(
+                        f"{name} {state}" + (f" on {node}" if node else "") + (f" ({error})" if error else "")
+                        for name, state, node, error in now))
                     known = now
+                if not ready_once and unavailable_reason(report) is None:
+                    ready_once = True
+                    self._say_ready()
             except Exception as exc:  # noqa: BLE001 - keep refreshing; steps fail on their own
                 logger.warning("Ingress: cannot read the stage registry: %s", exc)
             await asyncio.sleep(period_s)
+
+    def _say_ready(self) -> None:
+        """The line a user waits for: the application answers, with what, where."""
+        where = ", ".join(f"Stage{r['stage']} blocks [{r['start']}, {r['end']}) on {r['node']}"
+                          for r in sorted(self.announced, key=lambda r: (r["stage"], r["id"]))
+                          if r.get("state") == "ready")
+        url = ""
+        try:
+            from ray.serve.context import _get_global_client  # the root URL is not in a public API
+
+            url = f" at {_get_global_client().root_url.rstrip('/')}/v1"
+        except Exception:  # noqa: BLE001 - the line is still useful without the URL
+            pass
+        logger.info("stagewise: %s is ready%s (%s)", self.model.name, url, where)
 
     def _tell_demand(self, replicas: list[dict]) -> None:
         """Tells each stage replica its demand, for its autoscaling metrics."""
@@ -216,19 +280,22 @@ class Ingress:
 
     async def find_stages(self) -> None:
         """Waits until every stage has a replica that takes sequences (one being replaced, say)."""
-        deadline = time.monotonic() + self.recover_timeout_s
+        deadline, said = time.monotonic() + self.recover_timeout_s, None
         while True:
             try:
                 await self.refresh()
                 if self.engine.available():
                     return
-                problem = "a stage has no replica yet"
+                problem = (unavailable_reason(stage_report(self.num_stages, self.announced))
+                           or "a stage has no replica that takes sequences")
             except Exception as exc:  # noqa: BLE001 - a registry read can time out under load
                 problem = repr(exc)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"stages unreachable for {self.recover_timeout_s:.0f} s: {problem}")
-            logger.info("Ingress: waiting for the stages (%s)", problem)
+            if problem != said:
+                logger.info("Ingress: waiting for the stages (%s)", problem)
+                said = problem
             await asyncio.sleep(0.5)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.engine, self.model, metrics=self.metrics)
+        return create_app(self.engine, self.model, metrics=self.metrics, announced=lambda: self.announced)

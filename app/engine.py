@@ -163,6 +163,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {"steps": 0, "recoveries": 0, "tokens": 0, "moved": 0}
+        self.restarts = 0  # times the loop was found dead (an exception) and started again
 
     # ---- replicas ----
 
@@ -288,7 +289,21 @@ class Engine:
 
     # ---- the loop ----
 
+    @property
+    def alive(self) -> bool:
+        """The scheduling loop is running, idle, or ended cleanly (not by an exception)."""
+        task = self._task
+        return task is None or not task.done() or task.cancelled() or task.exception() is None
+
+    def gone(self, replica_id: str) -> bool:
+        """Whether a replica's process was seen to go away."""
+        return replica_id in self._gone
+
     def _ensure_running(self) -> None:
+        if not self.alive:
+            exc = self._task.exception()
+            logger.error("the engine loop died (%r); starting it again", exc, exc_info=exc)
+            self.restarts += 1
         if self._task is None or self._task.done():
             self._loop = asyncio.get_running_loop()
             self._task = self._loop.create_task(self._run())

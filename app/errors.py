@@ -14,6 +14,8 @@ Status codes follow vLLM, types follow OpenAI's lowercase strings:
 | 413    | ``invalid_request_error``     | ``request_too_large``      | body over the size limit          |
 | 415    | ``invalid_request_error``     | ``unsupported_media_type`` | Content-Type is not JSON          |
 | 503    | ``service_unavailable_error`` | ``overloaded``             | queue full (``Retry-After`` set)  |
+| 503    | ``service_unavailable_error`` | ``stages_unavailable``     | a stage failed to load, is still  |
+|        |                               |                            | starting or has no replica        |
 | 500    | ``internal_server_error``     | None                       | a bug: no traceback leaves        |
 
 405 and 415 keep OpenAI's ``invalid_request_error`` type (the client did something
@@ -130,6 +132,15 @@ class Overloaded(APIError):
             headers={"Retry-After": str(seconds)},
         )
         self.retry_after = seconds
+
+
+class Unavailable(APIError):
+    """503 ``service_unavailable_error`` with code ``stages_unavailable`` and ``Retry-After``:
+    a stage cannot serve (failed to load, starting, missing); the message names it and why."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(503, message, SERVICE_UNAVAILABLE, code="stages_unavailable",
+                         headers={"Retry-After": str(max(1, int(retry_after)))})
 
 
 def error_body(

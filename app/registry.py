@@ -35,7 +35,8 @@ class Registry:
         self._replicas: dict[str, tuple[float, dict]] = {}
 
     def announce(self, replica: dict) -> None:
-        """`replica`: {"id", "stage", "address", "num_slots", "draining"}."""
+        """`replica`: {"id", "stage", "start", "end", "node", "state", "error", "address", "num_slots",
+        "draining"}; `state` is "starting", "failed" (with `error`) or "ready" (with `address`)."""
         self._replicas[replica["id"]] = (time.monotonic(), replica)
 
     def withdraw(self, replica_id: str) -> None:
@@ -82,10 +83,14 @@ class Announcer:
             self._registry = None
             return False
 
+    def update(self, **fields) -> bool:
+        """Changes what is announced, and announces it now."""
+        self.replica = {**self.replica, **fields}
+        return self.announce()
+
     def drain(self) -> bool:
         """Says that this replica is draining; False if no ingress heard it."""
-        self.replica["draining"] = True
-        return self.announce()
+        return self.update(draining=True)
 
     def close(self) -> None:
         self._stop.set()

@@ -42,7 +42,7 @@ def measure(model_dir: str, num_stages: int, quantization: str = "none") -> dict
     from app import build_app
     from placement import ModelSpec
 
-    from tests.serving import free_port
+    from tests.serving import free_port, wait_healthy
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     port = free_port()
@@ -51,6 +51,7 @@ def measure(model_dir: str, num_stages: int, quantization: str = "none") -> dict
         serve.run(build_app({"model": model_dir, "num_stages": num_stages, "max_model_len": 512,
                              "quantization": quantization}),
                   name="stagewise", route_prefix="/")
+        wait_healthy(f"http://127.0.0.1:{port}", timeout=300)
         # Serve a request first: weights are resident once every block has run.
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", headers={
             "Content-Type": "application/json"}, data=json.dumps({"model": os.path.basename(model_dir),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import yaml
@@ -24,6 +25,28 @@ from ray.serve.scripts import cli
 ray.init(namespace="serve", _metrics_export_port=int(sys.argv[1]))
 cli(["run", sys.argv[2]])
 """
+
+
+def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None, log=None,
+                 any_status: bool = False) -> dict:
+    """Waits until `url`'s `/health` answers 200 (every stage loaded; with `any_status`, until it
+    answers at all); returns its body."""
+    deadline, body = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"serve run exited early:\n{log() if log else ''}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:  # Serve's proxy says 404 (not JSON) until the app is up
+            if e.code == 503:
+                body = json.load(e)
+                if any_status:
+                    return body
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not healthy in {timeout:.0f} s: {body}")
 
 
 def free_port() -> int:
@@ -42,11 +65,14 @@ class ServeRun:
         env: extra environment variables.
         metrics_export_port: where Ray's Prometheus endpoint listens (`/metrics`); default: Ray picks.
         deployments: the application's `deployments:` list (per-deployment overrides).
+        healthy: wait until `/health` says every stage is loaded; False: until the ingress answers.
     """
 
     def __init__(self, args: dict, port: int | None = None, timeout: float = 240, env: dict | None = None,
-                 metrics_export_port: int | None = None, deployments: list[dict] | None = None):
+                 metrics_export_port: int | None = None, deployments: list[dict] | None = None,
+                 healthy: bool = True):
         self.args, self.port, self.timeout = args, port or free_port(), timeout
+        self.healthy = healthy
         self.deployments = deployments
         self.env = env or {}
         self.metrics_export_port = metrics_export_port
@@ -71,20 +97,13 @@ class ServeRun:
             command = [sys.executable, "-c", _SERVE_RUN_WITH_METRICS_PORT, str(self.metrics_export_port), path]
         self.proc = subprocess.Popen(command, cwd=REPO, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve run exited early:\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as r:
-                    if r.status == 200:
-                        self.model = json.load(r)["data"][0]["id"]
-                        return self
-            except OSError:
-                pass
-            time.sleep(1)
-        self.__exit__(None, None, None)
-        raise TimeoutError(f"serve run not ready in {self.timeout} s:\n{self.log()[-4000:]}")
+        try:
+            wait_healthy(self.url, self.timeout, self.proc, lambda: self.log()[-4000:], any_status=not self.healthy)
+        except TimeoutError as exc:
+            self.__exit__(None, None, None)
+            raise TimeoutError(f"serve run not ready: {exc}\n{self.log()[-4000:]}") from None
+        self.model = self.get("/v1/models")["data"][0]["id"]
+        return self
 
     def log(self) -> str:
         with open(self.log_path) as f:
@@ -102,15 +121,16 @@ class ServeRun:
         self._log.close()
 
     def get(self, path: str, timeout: float = 30) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-            return json.load(r)
+        """The JSON body of a GET, whatever its status (`/health` answers 503 with a body)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            return json.load(e)
 
     def replicas_per_stage(self) -> list[int]:
-        """Usable (not draining) replicas of each stage, as the ingress sees them (`/health`)."""
-        counts: dict[int, int] = {}
-        for replica in self.get("/health")["replicas"]:
-            counts[replica["stage"]] = counts.get(replica["stage"], 0) + (not replica["draining"])
-        return [counts[stage] for stage in sorted(counts)]
+        """Ready (not draining) replicas of each stage, as the ingress sees them (`/health`)."""
+        return [sum(r["state"] == "ready" for r in stage["replicas"]) for stage in self.get("/health")["stages"]]
 
     def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),

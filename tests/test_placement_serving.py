@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.serving import free_port
+from tests.serving import free_port, wait_healthy
 
 MIB = 2**20
 
@@ -60,6 +60,7 @@ def test_auto_places_stages_on_the_planned_nodes(cluster, model_dir, tmp_path):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="stagewise", route_prefix="/")
+    wait_healthy(f"http://127.0.0.1:{port}", timeout=120)
 
     for index, (start, end, options) in enumerate(planned):
         info = serve.get_deployment_handle(f"Stage{index}", app_name="stagewise").info.remote().result()
