@@ -35,6 +35,9 @@ class BuilderArgs(BaseModel):
     num_microbatches: int = Field(1, ge=1, le=64, description="steps in flight at once")
     max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
     step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
+    max_step_failures: int = Field(3, ge=1, description="failed steps in a row before a sequence fails")
+    api_keys: list[str] | None = Field(None, description="keys clients must send as Bearer tokens; "
+                                                         "prefer $STAGEWISE_API_KEYS (args show in serve status)")
     stage_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per stage replica")
     stage_num_threads: int | None = Field(None, ge=1, description="torch threads per stage; default: all cores")
     stage_parallel_min_tokens: int = Field(64, ge=1, description="smaller steps run on one thread")
@@ -124,7 +127,18 @@ def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
     max_model_len = min(args.max_model_len or min(limit, 4096), limit)
     return EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_model_len,
                         max_prefill_tokens=args.max_prefill_tokens, num_microbatches=args.num_microbatches,
-                        max_queued_requests=args.max_queued_requests, step_timeout_s=args.step_timeout_s)
+                        max_queued_requests=args.max_queued_requests, step_timeout_s=args.step_timeout_s,
+                        max_step_failures=args.max_step_failures)
+
+
+def api_keys(args: BuilderArgs) -> tuple[str, ...]:
+    """The API keys: the `api_keys` arg and $STAGEWISE_API_KEYS (comma-separated), read here, where
+    `serve run` was started: replicas do not see that shell's environment."""
+    keys = list(args.api_keys or []) + os.environ.get("STAGEWISE_API_KEYS", "").split(",")
+    keys = [key.strip() for key in keys if key.strip()]
+    if any(len(key) < 8 for key in keys):
+        raise ValueError("api_keys: every key needs at least 8 characters")
+    return tuple(dict.fromkeys(keys))
 
 
 def build_app(args: BuilderArgs):
@@ -171,7 +185,9 @@ def build_app(args: BuilderArgs):
     # (and answers 503 past max_queued_requests) itself.
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=args.max_batch_size + args.max_queued_requests + 64)
-    return ingress.bind(stages, model_dir, served_name, config)
+    keys = api_keys(args)
+    logger.info("stagewise: %s", f"{len(keys)} API key(s) required" if keys else "no API key required")
+    return ingress.bind(stages, model_dir, served_name, config, api_keys=keys)
 
 
 def stage_env(threads: int, quantization: str) -> dict[str, str]:

@@ -44,7 +44,11 @@ class ChoiceState:
 
 
 class PipelineError(RuntimeError):
-    """The stages failed and could not be recovered."""
+    """The stages failed and could not be recovered (503)."""
+
+
+class SequenceFailed(RuntimeError):
+    """One sequence of the request failed on its own: sampling, text, a step that kept failing (500)."""
 
 
 def tokenize_prompts(request: CompletionRequest, model: ModelInfo) -> list[list[int]]:
@@ -70,7 +74,8 @@ def sampling_params(request: CompletionRequest, max_tokens: int, model: ModelInf
         top_k=request.effective_top_k, min_tokens=request.min_tokens,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty, logit_bias=request.logit_bias_ids,
-        seed=request.seed, logprobs=request.logprobs, ignore_eos=request.ignore_eos,
+        seed=request.seed, logprobs=request.logprobs, rank_by_logprob=request.num_candidates > request.n,
+        ignore_eos=request.ignore_eos,
         stop=tuple(request.stop_list), stop_token_ids=() if request.ignore_eos else model.eos_token_ids,
         include_stop_str_in_output=request.include_stop_str_in_output,
         skip_special_tokens=request.skip_special_tokens)
@@ -97,11 +102,11 @@ class Completion:
             params = sampling_params(request, max_tokens, model)
             for i in range(request.num_candidates):
                 generator = None
-                if request.temperature > 0:
+                if not params.greedy:
                     generator = torch.Generator()
                     generator.manual_seed(request.seed + i if request.seed is not None
                                           else int.from_bytes(random_id("s").encode()[-8:], "little"))
-                seq = Sequence(ids, params, self.events, index=len(self.states),
+                seq = Sequence(ids, params, self.events, index=len(self.states), request_id=self.id,
                                prompt_logprobs=want_prompt_logprobs, generator=generator)
                 self.states.append(ChoiceState(seq, IncrementalDetokenizer(model.tokenizer, ids,
                                                                            request.skip_special_tokens),
@@ -150,6 +155,8 @@ class Completion:
         state = self.states[seq.index]
         if kind == "error":
             raise PipelineError(payload)
+        if kind == "failed":
+            raise SequenceFailed(payload)
         echo = ""
         if self.request.echo and not state.echoed:
             state.echoed = True  # prompt logprobs are complete once the first event arrives

@@ -202,16 +202,18 @@ class Ingress:
         served_name: the model id clients ask for.
         engine_config: scheduler limits.
         recover_timeout_s: how long to wait for a replaced stage before failing its sequences.
+        api_keys: keys clients must send (none: no authentication); see `app.api.RequireApiKey`.
     """
 
     async def __init__(self, stages: list, model_dir: str, served_name: str, engine_config: EngineConfig,
-                       recover_timeout_s: float = 120.0):
+                       recover_timeout_s: float = 120.0, api_keys: tuple[str, ...] = ()):
         import ray
         from ray import serve
         from transformers import AutoConfig, AutoTokenizer
 
         self.num_stages = len(stages)
         self.recover_timeout_s = recover_timeout_s
+        self.api_keys = tuple(api_keys)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         config = AutoConfig.from_pretrained(model_dir)
         eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
@@ -297,5 +299,12 @@ class Ingress:
                 said = problem
             await asyncio.sleep(0.5)
 
+    def check_health(self) -> None:
+        """Serve's health check: fails only when the engine loop keeps failing. Never because a stage
+        is missing: this replica holds the token history that replaying a stage needs."""
+        if not self.engine.alive:
+            raise RuntimeError(f"the engine loop failed {self.engine.restarts} times, too often to go on")
+
     def __serve_build_asgi_app__(self):
-        return create_app(self.engine, self.model, metrics=self.metrics, announced=lambda: self.announced)
+        return create_app(self.engine, self.model, metrics=self.metrics, announced=lambda: self.announced,
+                          api_keys=self.api_keys)

@@ -31,6 +31,10 @@ from app.sampling import Choice, SamplingParams, sample
 
 logger = logging.getLogger(__name__)
 
+# The loop is restarted after an unexpected exception (its open sequences fail); more restarts
+# than this within a minute and the engine reports itself dead (the ingress's health check fails).
+MAX_RESTARTS_PER_MINUTE = 5
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -44,7 +48,11 @@ class EngineConfig:
         num_microbatches: steps in flight at once, each with its own share of the sequences.
         max_queued_requests: sequences waiting for a slot before new requests get a 503.
         step_timeout_s: a step that takes longer counts as failed (a hung stage).
-        max_recoveries: consecutive failed recoveries before open sequences fail.
+        max_recoveries: consecutive failed attempts to reach the stages again (the `recover`
+            callback raising) before every open sequence fails.
+        max_step_failures: steps in a row that may fail for one sequence, each followed by a
+            successful recovery and a replay, before that sequence fails (a step that fails every
+            time: an out-of-memory on one stage, a bad tensor).
     """
 
     max_batch_size: int = 16
@@ -54,6 +62,7 @@ class EngineConfig:
     max_queued_requests: int = 256
     step_timeout_s: float = 60.0
     max_recoveries: int = 5
+    max_step_failures: int = 3
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class Sequence:
     params: SamplingParams
     events: asyncio.Queue
     index: int = 0
+    request_id: str = ""
     prompt_logprobs: bool = False
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -92,6 +102,7 @@ class Sequence:
     slots: list[int] | None = None  # the sequence's KV cache slot on each replica of its route
     num_cached: int = 0
     in_flight: bool = False
+    step_failures: int = 0  # steps in a row that failed with this sequence on them
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -163,7 +174,10 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {"steps": 0, "recoveries": 0, "tokens": 0, "moved": 0}
-        self.restarts = 0  # times the loop was found dead (an exception) and started again
+        self.restarts = 0  # times the loop failed (an unexpected exception) and was started again
+        self._restart_times: list[float] = []
+        self._in_flight: dict[asyncio.Task, tuple[str, ...]] = {}
+        self._failures = 0  # steps in a row that failed, whatever their sequences: the backoff
 
     # ---- replicas ----
 
@@ -291,25 +305,44 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """The scheduling loop is running, idle, or ended cleanly (not by an exception)."""
-        task = self._task
-        return task is None or not task.done() or task.cancelled() or task.exception() is None
+        """The scheduling loop can run: it has not failed more than `MAX_RESTARTS_PER_MINUTE`
+        times in the last minute."""
+        now = time.monotonic()
+        return sum(now - at < 60 for at in self._restart_times) <= MAX_RESTARTS_PER_MINUTE
 
     def gone(self, replica_id: str) -> bool:
         """Whether a replica's process was seen to go away."""
         return replica_id in self._gone
 
     def _ensure_running(self) -> None:
-        if not self.alive:
-            exc = self._task.exception()
-            logger.error("the engine loop died (%r); starting it again", exc, exc_info=exc)
-            self.restarts += 1
         if self._task is None or self._task.done():
             self._loop = asyncio.get_running_loop()
             self._task = self._loop.create_task(self._run())
 
     async def _run(self) -> None:
-        in_flight: dict[asyncio.Task, tuple[str, ...]] = {}
+        """The loop, behind a barrier: an unexpected exception fails the open sequences (they
+        get errors, not silence), is logged and counted, and the loop starts again."""
+        try:
+            await self._loop_steps()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the barrier
+            logger.exception("the engine loop failed; its open sequences fail, and it starts again")
+            self.restarts += 1
+            self._restart_times = [at for at in self._restart_times if time.monotonic() - at < 60]
+            self._restart_times.append(time.monotonic())
+            for task in self._in_flight:
+                task.cancel()
+            self._in_flight.clear()
+            for seq in list(self.running) + list(self.waiting):
+                seq.in_flight = False
+                self._fail(seq, f"the engine failed: {exc!r}", "engine")
+            self._task = None
+            if self.waiting or self.running:
+                self._ensure_running()
+
+    async def _loop_steps(self) -> None:
+        in_flight = self._in_flight
         while True:
             self._admit()
             self._move_off_unusable()
@@ -327,11 +360,11 @@ class Engine:
             waiter.cancel()
             for task in done & set(in_flight):
                 del in_flight[task]
-                failure = task.result()
+                failure, rows = task.result()
                 if failure is not None:
                     await asyncio.gather(*in_flight, return_exceptions=True)
                     in_flight.clear()
-                    await self._recover(failure)
+                    await self._recover(failure, rows)
 
     def _admit(self) -> None:
         while self.waiting:
@@ -403,7 +436,8 @@ class Engine:
         share = -(-on_route // self.config.num_microbatches)
         return [Row(seq, seq.num_cached, 1) for seq in decode[:max(share, 1)]]
 
-    async def _step(self, route: tuple[str, ...], rows: list[Row], epoch: int) -> Exception | None:
+    async def _step(self, route: tuple[str, ...], rows: list[Row], epoch: int
+                    ) -> tuple[Exception | None, list[Row]]:
         width = max(row.num_new for row in rows)
         inputs = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -420,9 +454,12 @@ class Engine:
                 row.seq.in_flight = False
                 if row.seq.finished:
                     self._release(row.seq)
-            return exc if isinstance(exc, StepFailed) else StepFailed(f"replica {exc} went away")
+            return (exc if isinstance(exc, StepFailed) else StepFailed(f"replica {exc} went away")), rows
         finally:
             self.stats["steps"] += 1
+        self._failures = 0
+        for row in rows:
+            row.seq.step_failures = 0
         if epoch == self._epoch:
             self._finish_step(rows, logits, all_logits)
         else:
@@ -430,7 +467,7 @@ class Engine:
                 row.seq.in_flight = False
                 if row.seq.finished:
                     self._release(row.seq)
-        return None
+        return None, rows
 
     def _finish_step(self, rows: list[Row], logits: torch.Tensor, all_logits: bool) -> None:
         sampling_rows, sampled = [], []
@@ -455,11 +492,14 @@ class Engine:
                          [(s.params, s.prompt_ids, s.output_ids, s.generator) for s in sampled])
         now = time.monotonic()
         for seq, choice in zip(sampled, choices):
+            if isinstance(choice, Exception):
+                self._fail(seq, f"sampling failed: {choice}", "sampling")
+                continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.metrics.first_token(now - seq.arrival)
             self._append(seq, choice)
-        self.metrics.generated_tokens(len(sampled))
+        self.metrics.generated_tokens(sum(not isinstance(c, Exception) for c in choices))
 
     def _record_prompt_logprobs(self, seq: Sequence, row: Row, logits: torch.Tensor) -> None:
         if not seq.prompt_logprob_values:
@@ -496,10 +536,32 @@ class Engine:
             seconds = time.monotonic() - seq.first_token_at
             self.metrics.time_per_output_token(seconds / (len(seq.output_ids) - 1))
 
-    async def _recover(self, failure: Exception) -> None:
-        """Waits for the stages to be back, then replays every open sequence from its tokens."""
+    def _fail(self, seq: Sequence, message: str, reason: str) -> None:
+        """Ends one sequence with an error of its own (its client gets a 500 naming the cause)."""
+        if seq.finished:
+            return
+        logger.warning("request %s: sequence %d failed (%s): %s", seq.request_id or "-", seq.index, reason, message)
+        self.metrics.sequence_failed(reason)
+        seq.finish_reason = "error"
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.events.put_nowait(("failed", seq, message))
+        self._wake.set()
+
+    async def _recover(self, failure: Exception, rows: list[Row]) -> None:
+        """Fails the sequences whose steps keep failing, backs off, waits for the stages to be
+        back, then replays every open sequence from its tokens."""
         self._epoch += 1
+        self._failures += 1
         self.metrics.recovery()
+        limit = self.config.max_step_failures
+        for seq in {id(row.seq): row.seq for row in rows}.values():
+            seq.step_failures += 1
+            if seq.step_failures >= limit:
+                self._fail(seq, f"its step failed {limit} times in a row: {failure}", "step")
+        # Doubling from 0.1 s to 5 s: a step that fails at once is not replayed thousands of times.
+        await asyncio.sleep(min(0.1 * 2 ** (self._failures - 1), 5.0))
         for attempt in range(1, self.config.max_recoveries + 1):
             logger.warning("step failed (%s); recovering, attempt %d", failure, attempt)
             self.stats["recoveries"] += 1

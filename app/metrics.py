@@ -207,6 +207,9 @@ class IngressMetrics:
         self._recoveries = tagged(metrics.Counter(
             "stagewise_recoveries", "Failed steps after which the open sequences were replayed.",
             tag_keys=("model",)))
+        self._sequence_errors = tagged(metrics.Counter(
+            "stagewise_sequence_errors", "Sequences ended by an error of their own (sampling, text, a step that "
+            "kept failing), by reason.", tag_keys=("model", "reason")))
         self._running_gauge.set(0)  # present from the start, not only once something ran
         self._waiting_gauge.set(0)
         self._ticker = _Ticker(self._tick, TICK_S, "stagewise-ingress-metrics")
@@ -244,6 +247,11 @@ class IngressMetrics:
     def recovery(self) -> None:
         if self.enabled:
             self._recoveries.inc()
+
+    def sequence_failed(self, reason: str) -> None:
+        """A sequence ended with an error of its own; `reason`: sampling, step, text or engine."""
+        if self.enabled:
+            self._sequence_errors.inc(tags={"reason": reason})
 
     def _tick(self) -> None:
         self._running_gauge.set(self._running)

@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this temperature sampling is greedy, as in vLLM: dividing logits by 1e-40 overflows to
+# inf, and softmax of that is NaN.
+GREEDY_BELOW = 1e-5
+
+
+class SamplingError(ValueError):
+    """A sequence cannot be sampled (its logits are not finite): that sequence fails, no other."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -14,7 +22,7 @@ class SamplingParams:
 
     Attributes:
         max_tokens: tokens to generate at most.
-        temperature: 0 is greedy.
+        temperature: 0 (anything below `GREEDY_BELOW`) is greedy.
         top_p: nucleus mass kept (1 = all).
         top_k: tokens kept (None = all).
         min_tokens: EOS and stop token ids are masked until this many tokens exist.
@@ -24,6 +32,8 @@ class SamplingParams:
         logit_bias: token id -> value added to its logit.
         seed: makes sampling repeatable.
         logprobs: alternatives to report per token (None = no logprobs).
+        rank_by_logprob: the sampled token's log-probability is needed even without `logprobs`
+            (`best_of` ranks its candidates by their cumulative log-probability).
         ignore_eos: keep generating after EOS.
         stop: strings that end the generation (cut from the text).
         stop_token_ids: token ids that end it (EOS included unless ignore_eos).
@@ -42,6 +52,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     logprobs: int | None = None
+    rank_by_logprob: bool = False
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -49,9 +60,18 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def needs_logprob(self) -> bool:
+        """The sampled token's log-probability is wanted (reported, or for ranking)."""
+        return self.logprobs is not None or self.rank_by_logprob
+
+    @property
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: one argmax does it."""
-        return (self.temperature == 0 and not self.logit_bias and self.presence_penalty == 0
+        return (self.greedy and not self.logit_bias and self.presence_penalty == 0
                 and self.frequency_penalty == 0 and self.repetition_penalty == 1 and self.min_tokens == 0)
 
 
@@ -86,8 +106,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: lis
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Picks a token from processed logits: argmax at temperature 0, else top-k/top-p sampling."""
-    if params.temperature == 0:
+    """Picks a token from processed logits: argmax when greedy, else top-k/top-p sampling."""
+    if params.greedy:
         return int(logits.argmax())
     logits = logits / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
@@ -103,35 +123,52 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def logprob_choice(logits: torch.Tensor, token: int, num_top: int | None) -> Choice:
-    """The token's log-probability under the model's raw logits, with the `num_top` best."""
-    if num_top is None:
+def logprob_choice(logits: torch.Tensor, token: int, num_top: int | None, needed: bool = True) -> Choice:
+    """The token's log-probability under the model's raw logits, with the `num_top` best (no
+    alternatives when `num_top` is None; no log-probability either unless `needed`)."""
+    if num_top is None and not needed:
         return Choice(token)
     logprobs = torch.log_softmax(logits, dim=-1)
-    top = []
-    if num_top > 0:
+    top = None if num_top is None else []
+    if num_top:
         values, ids = torch.topk(logprobs, num_top)
         top = list(zip(ids.tolist(), values.tolist()))
     return Choice(token, float(logprobs[token]), top)
 
 
+def sample_one(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
+               generator: torch.Generator | None) -> Choice:
+    """Samples the next token of one row.
+
+    Raises:
+        SamplingError: the row's logits are not finite (a float16 overflow, a broken stage).
+    """
+    if not bool(torch.isfinite(logits).all()):
+        raise SamplingError("the model's logits for this sequence are not finite (NaN or infinity)")
+    processed = logits if params.is_plain_greedy else process_logits(logits, params, prompt_ids, output_ids)
+    token = sample_row(processed, params, generator)
+    return logprob_choice(logits, token, params.logprobs, params.needs_logprob)
+
+
 def sample(logits: torch.Tensor, rows: list[tuple[SamplingParams, list[int], list[int], torch.Generator | None]]
-           ) -> list[Choice]:
-    """Samples one token per row.
+           ) -> list[Choice | Exception]:
+    """Samples one token per row; one row's failure is its own.
 
     Args:
         logits: (B, V) float32 logits of the rows' last tokens.
         rows: per row (params, prompt ids, output ids so far, generator or None).
 
     Returns:
-        A `Choice` per row.
+        Per row, a `Choice`, or the exception that row's sampling raised.
     """
-    if all(params.is_plain_greedy and params.logprobs is None for params, *_ in rows):
-        return [Choice(int(t)) for t in logits.argmax(dim=-1).tolist()]
-    choices = []
-    for row_logits, (params, prompt_ids, output_ids, generator) in zip(logits, rows):
-        processed = row_logits if params.is_plain_greedy else process_logits(row_logits, params, prompt_ids,
-                                                                              output_ids)
-        token = sample_row(processed, params, generator)
-        choices.append(logprob_choice(row_logits, token, params.logprobs))
+    if all(params.is_plain_greedy and not params.needs_logprob for params, *_ in rows):
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        if all(finite):
+            return [Choice(int(t)) for t in logits.argmax(dim=-1).tolist()]
+    choices: list[Choice | Exception] = []
+    for row_logits, row in zip(logits, rows):
+        try:
+            choices.append(sample_one(row_logits, *row))
+        except Exception as exc:  # noqa: BLE001 - a barrier: the row fails, the batch goes on
+            choices.append(exc)
     return choices

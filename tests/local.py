@@ -44,6 +44,13 @@ def http_server(app):
         thread.join(10)
 
 
+def model_info(model_dir: str, name: str, max_model_len: int) -> ModelInfo:
+    """What the HTTP layer knows of the checkpoint's model."""
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    return ModelInfo(name=name, tokenizer=AutoTokenizer.from_pretrained(model_dir), vocab_size=hf_config.vocab_size,
+                     max_model_len=max_model_len, eos_token_ids=(hf_config.eos_token_id,))
+
+
 @contextmanager
 def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model", http: bool = False,
               quantizations: list[str] | None = None, **engine_kwargs):
@@ -53,13 +60,10 @@ def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model"
     quantizations = quantizations or ["none"] * len(ranges)
     servers = [StageServer(Stage(model_dir, start, end, num_slots=config.max_batch_size, max_len=config.max_model_len,
                                  quantization=q)) for (start, end), q in zip(ranges, quantizations)]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    hf_config = AutoConfig.from_pretrained(model_dir)
     pipeline = PipelineClient()
     engine = Engine(pipeline, config, len(servers))
     engine.set_replicas(replicas_of(servers, config.max_batch_size))
-    info = ModelInfo(name=name, tokenizer=tokenizer, vocab_size=hf_config.vocab_size,
-                     max_model_len=config.max_model_len, eos_token_ids=(hf_config.eos_token_id,))
+    info = model_info(model_dir, name, config.max_model_len)
     try:
         app = create_app(engine, info)
         if http:
