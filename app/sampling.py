@@ -109,7 +109,9 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """Picks a token from processed logits: argmax when greedy, else top-k/top-p sampling."""
     if params.greedy:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    # Extreme but valid settings (repetition_penalty 1e-300) can push a logit to +inf, and
+    # softmax of that is NaN: the largest float keeps its meaning (this token, surely).
+    logits = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -11,6 +11,13 @@ Every request type is reported under its own name:
   - ``long``: a prompt of about 300 tokens, max_tokens 8.
   - ``invalid <kind>``: a malformed request that must get its 4xx and OpenAI's error object
     ``{"error": {"message", "type", "param", "code"}}``; success when it does, failure otherwise.
+  - ``hostile <kind>``: a valid request with extreme numbers (a temperature of 1e-40, a top_p of
+    1e-9, a repetition penalty of 1e-300, 300 logit biases of +-100, best_of 16 at temperature
+    2, the largest seed): it must get a 200 like any other valid request, and stall nobody.
+  - ``greedy``: temperature 0, 24 tokens, one of the prompts of ``$STAGEWISE_LOCUST_EXPECTED`` (a
+    JSON object prompt -> text that the runner computed with transformers); its text must equal
+    that one, so that the hostile requests around it are seen to change nothing of it. Without
+    the file this request type is not sent.
   - ``overload 503 (<type>)``: a 503 with ``Retry-After``, the server's deliberate answer to a
     full queue; counted apart from the type it was meant to be, and not a failure.
 
@@ -55,8 +62,32 @@ INVALID = {
     "not json content type": (415, "model={model}&prompt=hi", "application/x-www-form-urlencoded"),
 }
 
+# Valid requests with extreme numbers: each must be answered 200 (issue 13's findings).
+HOSTILE = {
+    "tiny temperature": {"temperature": 1e-40},
+    "tiny top_p": {"temperature": 1.0, "top_p": 1e-9},
+    "tiny repetition penalty": {"temperature": 1.5, "repetition_penalty": 1e-300},
+    "huge repetition penalty": {"temperature": 1.0, "repetition_penalty": 1e300},
+    "extreme penalties": {"temperature": 2.0, "presence_penalty": 2.0, "frequency_penalty": -2.0},
+    "many logit biases": {"temperature": 2.0, "logit_bias": "{biases}"},
+    "best_of 16": {"temperature": 2.0, "n": 1, "best_of": 16, "max_tokens": 4},
+    "largest seed": {"temperature": 1.0, "seed": 2**63 - 1, "top_k": 1},
+}
+GREEDY_TOKENS = 24
+
 status_counts: collections.Counter = collections.Counter()
 locust_environment = None
+
+
+def load_expected() -> dict[str, str]:
+    path = os.environ.get("STAGEWISE_LOCUST_EXPECTED")
+    if not path:
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+EXPECTED = load_expected()
 
 
 def check_host(host: str | None) -> None:
@@ -217,6 +248,32 @@ class CompletionsUser(HttpUser):
         """A prompt of about 300 tokens, 8 new tokens."""
         prompt = " ".join(random.choice(WORDS) for _ in range(180))
         self.post_completion("long", self.body(8, prompt=prompt))
+
+    @task(2)
+    def hostile(self) -> None:
+        """A valid request with extreme numbers: a 200, like any other."""
+        kind = random.choice(list(HOSTILE))
+        body = self.body(8, **HOSTILE[kind])
+        if body.get("logit_bias") == "{biases}":
+            body["logit_bias"] = {str(i): random.choice((-100.0, 100.0)) for i in random.sample(range(1, 1000), 300)}
+        self.post_completion(f"hostile {kind}", body)
+
+    @task(2)
+    def greedy(self) -> None:
+        """Temperature 0 on a fixed prompt: exactly the text transformers gives."""
+        if not EXPECTED:
+            return
+        prompt = random.choice(sorted(EXPECTED))
+        body = self.body(GREEDY_TOKENS, prompt=prompt, temperature=0.0, min_tokens=GREEDY_TOKENS)
+        with self.client.post("/v1/completions", json=body, name="greedy", catch_response=True) as response:
+            if is_overload(response):
+                response.request_meta["name"] = "overload 503 (greedy)"
+                response.success()
+            elif response.status_code != 200:
+                response.failure(f"status {response.status_code}: {response.text[:200]}")
+            elif response.json()["choices"][0]["text"] != EXPECTED[prompt]:
+                response.failure(f"greedy output changed: {response.json()['choices'][0]['text']!r} "
+                                 f"!= {EXPECTED[prompt]!r}")
 
     @task(2)
     def invalid(self) -> None:

@@ -39,6 +39,8 @@ FLAT_TOLERANCE = 0.10
 AFTER_LOAD_S = 30
 SAMPLE_EVERY_S = 5
 WARM_AFTER_S = 30
+GREEDY_PROMPTS = ("The capital of France is", "Once upon a time", "Music from the mountain")
+GREEDY_TOKENS = 24  # as in the locustfile
 
 
 def descends_from(pid: str, root: int) -> bool:
@@ -56,13 +58,18 @@ def descends_from(pid: str, root: int) -> bool:
 
 
 def replica_rss(root: int) -> dict[str, float]:
-    """The resident memory (MiB) of each stagewise replica process, by deployment name.
+    """The resident memory (MiB) of each stagewise replica process, by deployment name."""
+    return {name: rss for name, (_, rss) in replicas(root).items()}
+
+
+def replicas(root: int) -> dict[str, tuple[str, float]]:
+    """(pid, resident memory in MiB) of each stagewise replica process, by deployment name.
 
     Args:
         root: the `serve run` process; replicas of any other Ray instance are left out.
     """
     pids = subprocess.run(["pgrep", "-f", REPLICA_PATTERN], capture_output=True, text=True).stdout.split()
-    rss: dict[str, float] = {}
+    rss: dict[str, tuple[str, float]] = {}
     for pid in pids:
         if not descends_from(pid, root):
             continue
@@ -79,7 +86,7 @@ def replica_rss(root: int) -> dict[str, float]:
         name = cmdline.split(REPLICA_PATTERN, 1)[1].split()[0].split(".")[0]
         while name in rss:  # several replicas of one deployment
             name += "'"
-        rss[name] = kib / 1024
+        rss[name] = (pid, kib / 1024)
     return rss
 
 
@@ -89,6 +96,23 @@ def post(url: str, body: dict) -> None:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as response:
         response.read()
+
+
+def greedy_references(model_dir: str) -> dict[str, str]:
+    """transformers' greedy text for each of the locustfile's greedy prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    texts = {}
+    for prompt in GREEDY_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False)
+        texts[prompt] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False)
+    return texts
 
 
 def warm_up(url: str, model: str) -> None:
@@ -132,15 +156,17 @@ def run_locust(server: ServeRun, args: argparse.Namespace, prefix: str,
     return rc, samples
 
 
-def summarize(summary_path: str, memory: dict[str, dict[str, float]]) -> bool:
+def summarize(summary_path: str, memory: dict[str, dict[str, float]], replaced: list[str]) -> bool:
     """Prints the summary.
 
     Args:
         summary_path: the locustfile's final statistics and counts by status (JSON).
         memory: RSS (MiB) by moment ("idle", "warm", "peak", "end", "after") and replica.
+        replaced: replicas whose process changed during the load.
 
     Returns:
-        Whether the run passed: no unexpected 5xx, no failed checks, no request without a response.
+        Whether the run passed: no unexpected 5xx, no failed checks (greedy output included), no
+        request without a response, no replica replaced.
     """
     print("\n=== stagewise locust summary ===")
     if not os.path.exists(summary_path):
@@ -178,7 +204,8 @@ def summarize(summary_path: str, memory: dict[str, dict[str, float]]) -> bool:
             verdict = "gone (restarted or died)"
         print(f"{name:<10} {idle:>7.1f} {warm:>7.1f} {peak:>7.1f} {end:>7.1f} {after:>7.1f}  {verdict}")
 
-    passed = unexpected_5xx == 0 and total["failures"] == 0 and not counts.get("0")
+    print(f"\nreplicas replaced during the load: {', '.join(replaced) or 'none'}")
+    passed = unexpected_5xx == 0 and total["failures"] == 0 and not counts.get("0") and not replaced
     print(f"\nresult: {'PASS' if passed else 'FAIL'}")
     return passed
 
@@ -197,14 +224,23 @@ def main() -> int:
     model_dir = build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
     out = tempfile.mkdtemp(prefix="stagewise-locust-")
     prefix, summary_path = os.path.join(out, "locust"), os.path.join(out, "summary.json")
-    with ServeRun({"model": model_dir, "num_stages": args.num_stages, "max_model_len": 1024}) as server:
+    expected_path = os.path.join(out, "expected.json")
+    with open(expected_path, "w") as f:
+        json.dump(greedy_references(model_dir), f)
+    os.environ["STAGEWISE_LOCUST_EXPECTED"] = expected_path
+    # One replica per stage: a replica that goes away is a failure here, not a scale-down.
+    with ServeRun({"model": model_dir, "num_stages": args.num_stages, "max_model_len": 1024,
+                   "stage_autoscaling": None}) as server:
         print(f"serving {server.model} in {args.num_stages} stages at {server.url} (log: {server.log_path})",
               flush=True)
         warm_up(server.url, server.model)
         time.sleep(2)
-        memory = {"idle": replica_rss(server.proc.pid)}
+        before = replicas(server.proc.pid)
+        memory = {"idle": {name: rss for name, (_, rss) in before.items()}}
         rc, samples = run_locust(server, args, prefix, summary_path)
-        memory["end"] = replica_rss(server.proc.pid)
+        after = replicas(server.proc.pid)
+        replaced = [name for name, (pid, _) in before.items() if after.get(name, (None,))[0] != pid]
+        memory["end"] = {name: rss for name, (_, rss) in after.items()}
         samples.append(memory["end"])
         memory["warm"] = samples[min(WARM_AFTER_S // SAMPLE_EVERY_S, len(samples)) - 1]
         memory["peak"] = {name: max(s.get(name, 0) for s in samples) for name in memory["idle"]}
@@ -213,7 +249,7 @@ def main() -> int:
         memory["after"] = replica_rss(server.proc.pid)
         if server.proc.poll() is not None:
             print(f"serve run exited during the test (status {server.proc.returncode}); see {server.log_path}")
-    passed = summarize(summary_path, memory)
+    passed = summarize(summary_path, memory, replaced)
     print(f"(locust output and CSVs in {out})")
     return 0 if passed else 1
 
