@@ -250,8 +250,8 @@ class Ingress:
                 now = [(s["name"], s["state"], s["node"], s["error"]) for s in report]
                 if now != known:
                     logger.info("Ingress: stages %s", "; ".join(
-                        f"{name} {state}" + (f" on {node}" if node else "") + (f" ({error})" if error else "")
-                        for name, state, node, error in now))
+                        f"{name} {'failed to load' if state == 'failed' else state}" + (f" on {node}" if node else "")
+                        + (f": {error}" if error else "") for name, state, node, error in now))
                     known = now
                 if not ready_once and unavailable_reason(report) is None:
                     ready_once = True

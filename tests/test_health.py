@@ -69,7 +69,9 @@ def test_truncated_checkpoint_fails_visibly_then_serves_when_fixed(checkpoint, t
         message = answer["error"]["message"]
         assert message.startswith(f"{failed[0]['name']} failed to load: "), message
         assert answer["error"]["code"] == "stages_unavailable"
-        assert f"{failed[0]['name']} failed to load" in server.log()  # serve run's own output
+        while f"{failed[0]['name']} failed to load" not in server.log() and time.monotonic() < deadline + 15:
+            time.sleep(1)  # Ray forwards the replicas' log lines to serve run's output a little later
+        assert f"{failed[0]['name']} failed to load" in server.log()
 
         with open(weights, "wb") as f:
             f.write(whole)
