@@ -113,11 +113,11 @@ def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict]
     if args.num_stages != "auto" and plan.num_stages != args.num_stages:
         logger.warning("stagewise: the plan for %s has %d stages, not %d", args.cluster, plan.num_stages,
                        args.num_stages)
-    node_ids = {name: node_id for name, (_, node_id) in live.items()}
+    pins = {name: pin for name, (_, pin) in live.items()}
     for stage in plan.stages:
         logger.info("stagewise: blocks [%d, %d) on %s (%.2f GiB of weights)", stage.start, stage.end,
                     stage.device, stage.weight_bytes / 2**30)
-    return [(stage.start, stage.end, stage_options(stage, node_ids)) for stage in plan.stages]
+    return [(stage.start, stage.end, stage_options(stage, pins)) for stage in plan.stages]
 
 
 def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:

@@ -39,6 +39,16 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+def _node_name() -> str:
+    """This node's name as the planner knows it: its `stagewise/name` label, else its address."""
+    import ray
+
+    from app.cluster import NAME_LABEL
+
+    label = ray.get_runtime_context().get_node_labels().get(NAME_LABEL)
+    return label[0] if isinstance(label, list) and label else (label or _node_ip())
+
+
 def process_memory() -> dict:
     """This process's resident memory now and at its peak (VmRSS, VmHWM), in bytes (Linux)."""
     out = {}
@@ -91,7 +101,7 @@ class StageDeployment:
         self._closed = threading.Event()
         context = serve.get_replica_context()
         self.announcer = Announcer(context.app_name, {
-            "id": context.replica_id.unique_id, "stage": index, "start": start, "end": end, "node": _node_ip(),
+            "id": context.replica_id.unique_id, "stage": index, "start": start, "end": end, "node": _node_name(),
             "state": "starting", "error": None, "address": None, "num_slots": max_batch_size, "draining": False})
         load = dict(model_dir=model_dir, start=start, end=end, dtype=dtype, num_slots=max_batch_size,
                     max_len=max_model_len, quantization=quantization)

@@ -50,7 +50,7 @@ def test_auto_places_stages_on_the_planned_nodes(cluster, model_dir, tmp_path):
     from ray.util.state import list_actors
 
     from app.builder import BuilderArgs, build_app, plan_stages
-    from app.cluster import NODE_ID_LABEL
+    import ray
 
     args = {"model": model_dir, "num_stages": "auto", "plan_kv_tokens": 16, "max_model_len": 128,
             "max_batch_size": 4}
@@ -62,13 +62,17 @@ def test_auto_places_stages_on_the_planned_nodes(cluster, model_dir, tmp_path):
     serve.run(build_app(args), name="stagewise", route_prefix="/")
     wait_healthy(f"http://127.0.0.1:{port}", timeout=120)
 
+    # Pinned by name (here each node's own custom resource), which a restarted node keeps.
+    node_of = {name: node["NodeID"] for node in ray.nodes() if node["Alive"]
+               for name in ("node_a", "node_b", "node_c") if name in node["Resources"]}
     for index, (start, end, options) in enumerate(planned):
         info = serve.get_deployment_handle(f"Stage{index}", app_name="stagewise").info.remote().result()
         assert (info["start"], info["end"]) == (start, end)
+        (name,) = options["resources"]
         actors = list_actors(filters=[("class_name", "=", f"ServeReplica:stagewise:Stage{index}"),
                                       ("state", "=", "ALIVE")])
-        assert [a.node_id for a in actors] == [options["label_selector"][NODE_ID_LABEL]]
-    assert len({o["label_selector"][NODE_ID_LABEL] for _, _, o in planned}) == len(planned)
+        assert [a.node_id for a in actors] == [node_of[name]]
+    assert len({name for _, _, o in planned for name in o["resources"]}) == len(planned)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer("the quick brown fox").input_ids
