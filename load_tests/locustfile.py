@@ -70,7 +70,7 @@ HOSTILE = {
     "huge repetition penalty": {"temperature": 1.0, "repetition_penalty": 1e300},
     "extreme penalties": {"temperature": 2.0, "presence_penalty": 2.0, "frequency_penalty": -2.0},
     "many logit biases": {"temperature": 2.0, "logit_bias": "{biases}"},
-    "best_of 16": {"temperature": 2.0, "n": 1, "best_of": 16, "max_tokens": 4},
+    "best_of 16": {"temperature": 2.0, "n": 1, "best_of": 16},
     "largest seed": {"temperature": 1.0, "seed": 2**63 - 1, "top_k": 1},
 }
 GREEDY_TOKENS = 24
