@@ -230,9 +230,8 @@ class Ingress:
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         self.model = ModelInfo(name=served_name, tokenizer=tokenizer, vocab_size=config.vocab_size,
                                max_model_len=engine_config.max_model_len, eos_token_ids=eos_ids)
-        # Owned by this replica: it dies with it, and the next ingress makes a new one.
-        self.registry = ray.remote(Registry).options(
-            name=registry_name(serve.get_replica_context().app_name), num_cpus=0, get_if_exists=True).remote()
+        self.app_name = serve.get_replica_context().app_name
+        self.registry = self._make_registry()
         self.pipeline = PipelineClient(host=_node_ip())
         self.metrics = IngressMetrics(served_name)
         self.engine = Engine(self.pipeline, engine_config, len(stages), recover=self.find_stages,
@@ -243,9 +242,25 @@ class Ingress:
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
         logger.info("Ingress: %s through %d stages; waiting for them to load", served_name, len(stages))
 
+    def _make_registry(self):
+        """The registry actor: owned by this replica (it dies with it, and the next ingress makes a
+        new one) and on this replica's node, so that no other node's loss takes it away."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return ray.remote(Registry).options(name=registry_name(self.app_name), num_cpus=0, get_if_exists=True,
+                                            scheduling_strategy=here).remote()
+
     async def refresh(self) -> None:
         """Tells the engine which stage replicas serve now (those loaded and not seen to die)."""
-        found = await asyncio.wait_for(self.registry.replicas.remote(), timeout=5)
+        import ray
+
+        try:
+            found = await asyncio.wait_for(self.registry.replicas.remote(), timeout=5)
+        except ray.exceptions.ActorDiedError:
+            self.registry = self._make_registry()  # the stages announce themselves to it within a second
+            raise
         self.announced = [r for r in found if not self.engine.gone(r["id"])]
         self.engine.set_replicas([Replica(r["id"], r["stage"], r["address"], r["num_slots"], r["draining"])
                                   for r in self.announced if r.get("state") == "ready"])
