@@ -36,6 +36,9 @@ class BuilderArgs(BaseModel):
     max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
     step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
     max_step_failures: int = Field(3, ge=1, description="failed steps in a row before a sequence fails")
+    max_header_bytes: int = Field(1 << 20, ge=4096, description="data plane: largest message header")
+    max_payload_bytes: int = Field(1 << 30, ge=1 << 20, description="data plane: largest message payload "
+                                                                  "(a prefill's activations, a step's logits)")
     api_keys: list[str] | None = Field(None, description="keys clients must send as Bearer tokens; "
                                                          "prefer $STAGEWISE_API_KEYS (args show in serve status)")
     stage_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per stage replica")
@@ -131,6 +134,14 @@ def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
                         max_step_failures=args.max_step_failures)
 
 
+def wire_limits(args: BuilderArgs, config: EngineConfig):
+    """What a data-plane message may be: the builder's byte caps, rows up to the batch."""
+    from app.wire import Limits
+
+    return Limits(max_header_bytes=args.max_header_bytes, max_payload_bytes=args.max_payload_bytes,
+                  max_rows=config.max_batch_size)
+
+
 def api_keys(args: BuilderArgs) -> tuple[str, ...]:
     """The API keys: the `api_keys` arg and $STAGEWISE_API_KEYS (comma-separated), read here, where
     `serve run` was started: replicas do not see that shell's environment."""
@@ -165,6 +176,7 @@ def build_app(args: BuilderArgs):
     quantizations = args.stage_quantization or [args.quantization] * len(planned)
     if len(quantizations) != len(planned):
         raise ValueError(f"stage_quantization has {len(quantizations)} entries for {len(planned)} stages")
+    limits = wire_limits(args, config)
     stages = []
     for index, (start, end, placed) in enumerate(planned):
         options = {"num_cpus": args.stage_num_cpus, "num_gpus": num_gpus, **placed,
@@ -180,14 +192,15 @@ def build_app(args: BuilderArgs):
         stages.append(deployment.bind(model_dir, index, start, end, dtype=args.dtype,
                                       quantization=quantizations[index],
                                       max_batch_size=args.max_batch_size, max_model_len=config.max_model_len,
-                                      num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens))
+                                      num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens,
+                                      limits=limits))
     # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues
     # (and answers 503 past max_queued_requests) itself.
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=args.max_batch_size + args.max_queued_requests + 64)
     keys = api_keys(args)
     logger.info("stagewise: %s", f"{len(keys)} API key(s) required" if keys else "no API key required")
-    return ingress.bind(stages, model_dir, served_name, config, api_keys=keys)
+    return ingress.bind(stages, model_dir, served_name, config, api_keys=keys, limits=limits)
 
 
 def stage_env(threads: int, quantization: str) -> dict[str, str]:

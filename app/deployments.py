@@ -22,6 +22,7 @@ from app.engine import Engine, EngineConfig, Replica
 from app.health import stage_report, unavailable_reason
 from app.metrics import IngressMetrics, StageMetrics
 from app.pipeline import PipelineClient
+from app import wire
 from app.registry import Announcer, Registry, registry_name
 from app.stage_server import StageServer
 from stages import Stage
@@ -84,18 +85,19 @@ class StageDeployment:
         num_threads: torch threads for large steps (None: torch's default).
         parallel_min_tokens: steps with fewer tokens run on one thread (see `StageServer`).
         quantization: "none", "int8" or "nf4" (bitsandbytes) for this stage's blocks.
+        limits: what a data-plane message may be (`app.wire.Limits`).
     """
 
     def __init__(self, model_dir: str, index: int, start: int, end: int, *, dtype: str = "float32",
                  max_batch_size: int = 16, max_model_len: int = 2048, num_threads: int | None = None,
-                 parallel_min_tokens: int = 64, quantization: str = "none"):
+                 parallel_min_tokens: int = 64, quantization: str = "none", limits: wire.Limits = wire.Limits()):
         from ray import serve
 
         if num_threads:
             torch.set_num_threads(num_threads)
         if quantization != "none":
             logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns on every int8 forward
-        self.index, self.num_slots = index, max_batch_size
+        self.index, self.num_slots, self.limits = index, max_batch_size, limits
         self.stage = self.server = None
         self._stats_at, self._stats_ongoing_s = time.monotonic(), 0.0
         self._closed = threading.Event()
@@ -127,8 +129,10 @@ class StageDeployment:
                 self.announcer.update(state="failed", error=cause)
                 self._closed.wait(LOAD_RETRY_S)
                 continue
-            self.server = StageServer(stage, host=_node_ip(), num_threads=num_threads,
-                                      parallel_min_tokens=parallel_min_tokens, metrics=StageMetrics(self.index))
+            announcer = self.announcer
+            self.server = StageServer(stage, lambda: announcer.secret, host=_node_ip(), num_threads=num_threads,
+                                      parallel_min_tokens=parallel_min_tokens, metrics=StageMetrics(self.index),
+                                      known_addresses=announcer.known, limits=self.limits)
             self.stage = stage
             logger.info("%s: %.1f MiB of weights loaded; data plane at %s", name, stage.weight_bytes() / 2**20,
                         self.server.address)
@@ -213,11 +217,12 @@ class Ingress:
         engine_config: scheduler limits.
         recover_timeout_s: how long to wait for a replaced stage before failing its sequences.
         api_keys: keys clients must send (none: no authentication); see `app.api.RequireApiKey`.
+        limits: what a data-plane message may be (`app.wire.Limits`).
     """
 
     async def __init__(self, stages: list, model_dir: str, served_name: str, engine_config: EngineConfig,
-                       recover_timeout_s: float = 120.0, api_keys: tuple[str, ...] = ()):
-        import ray
+                       recover_timeout_s: float = 120.0, api_keys: tuple[str, ...] = (),
+                       limits: wire.Limits = wire.Limits()):
         from ray import serve
         from transformers import AutoConfig, AutoTokenizer
 
@@ -231,9 +236,10 @@ class Ingress:
         self.model = ModelInfo(name=served_name, tokenizer=tokenizer, vocab_size=config.vocab_size,
                                max_model_len=engine_config.max_model_len, eos_token_ids=eos_ids)
         self.app_name = serve.get_replica_context().app_name
-        self.registry = self._make_registry()
-        self.pipeline = PipelineClient(host=_node_ip())
         self.metrics = IngressMetrics(served_name)
+        # The data plane's secret: made here, handed to the stages only through the registry (Ray).
+        self.pipeline = PipelineClient(os.urandom(32), host=_node_ip(), limits=limits, on_refused=self.metrics.refused)
+        self.registry = self._make_registry()
         self.engine = Engine(self.pipeline, engine_config, len(stages), recover=self.find_stages,
                              on_drained=lambda replica: self.pipeline.release(replica.address),
                              metrics=self.metrics)
@@ -250,7 +256,8 @@ class Ingress:
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         return ray.remote(Registry).options(name=registry_name(self.app_name), num_cpus=0, get_if_exists=True,
-                                            scheduling_strategy=here).remote()
+                                            scheduling_strategy=here).remote(self.pipeline.secret,
+                                                                             self.pipeline.reply_address)
 
     async def refresh(self) -> None:
         """Tells the engine which stage replicas serve now (those loaded and not seen to die)."""
@@ -302,8 +309,7 @@ class Ingress:
     def _tell_demand(self, replicas: list[dict]) -> None:
         """Tells each stage replica its demand, for its autoscaling metrics."""
         for replica in replicas:
-            self.pipeline.notify(replica["address"], {"kind": "demand", "sequences": replica["sequences"],
-                                                      "waiting": replica["waiting"]})
+            self.pipeline.notify(replica["address"], wire.Demand(replica["sequences"], replica["waiting"]))
 
     async def find_stages(self) -> None:
         """Waits until every stage has a replica that takes sequences (one being replaced, say)."""

@@ -128,6 +128,7 @@ class StageMetrics:
         self._errors = _tagged(metrics.Counter(
             "stagewise_stage_step_errors", "Steps whose forward failed on the stage.",
             tag_keys=("stage",)), tags)
+        self._refused = _refused_counter(f"Stage{stage_index}")
         self._ticker = _Ticker(self._tick, TICK_S, f"stagewise-stage{stage_index}-metrics")
 
     def observe_step(self, rows: int, tokens: int, seconds: float, queued: int) -> None:
@@ -148,6 +149,11 @@ class StageMetrics:
         if self.enabled:
             self._errors.inc()
 
+    def refused(self, reason: str) -> None:
+        """A data-plane connection was refused: `reason` "handshake" or "message"."""
+        if self.enabled:
+            self._refused.inc(tags={"reason": reason})
+
     def _tick(self) -> None:
         self._queue.set(self._queued)
         window = self._window.advance((self._steps, self._rows, self._tokens, self._busy_s))
@@ -162,6 +168,15 @@ class StageMetrics:
     def close(self) -> None:
         if self._ticker is not None:
             self._ticker.close()
+
+
+def _refused_counter(process: str):
+    from ray.serve import metrics
+
+    return _tagged(metrics.Counter(
+        "stagewise_data_plane_refused", "Data-plane connections refused (a failed handshake, a message "
+        "that breaks the format or names a stranger), by process and reason.",
+        tag_keys=("process", "reason")), {"process": process})
 
 
 class IngressMetrics:
@@ -210,6 +225,7 @@ class IngressMetrics:
         self._sequence_errors = tagged(metrics.Counter(
             "stagewise_sequence_errors", "Sequences ended by an error of their own (sampling, text, a step that "
             "kept failing), by reason.", tag_keys=("model", "reason")))
+        self._refused = _refused_counter("Ingress")
         self._running_gauge.set(0)  # present from the start, not only once something ran
         self._waiting_gauge.set(0)
         self._ticker = _Ticker(self._tick, TICK_S, "stagewise-ingress-metrics")
@@ -247,6 +263,11 @@ class IngressMetrics:
     def recovery(self) -> None:
         if self.enabled:
             self._recoveries.inc()
+
+    def refused(self, reason: str) -> None:
+        """A data-plane connection to the ingress was refused: "handshake" or "message"."""
+        if self.enabled:
+            self._refused.inc(tags={"reason": reason})
 
     def sequence_failed(self, reason: str) -> None:
         """A sequence ended with an error of its own; `reason`: sampling, step, text or engine."""

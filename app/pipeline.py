@@ -9,7 +9,8 @@ import threading
 
 import torch
 
-from app.transport import Connections, connect, listen, serve_connections
+from app import wire
+from app.transport import Connections, connect_authenticated, listen, serve_connections
 
 logger = logging.getLogger(__name__)
 
@@ -25,28 +26,38 @@ class PipelineClient:
     future of their step on the event loop that sent it.
 
     Args:
+        secret: the application's secret: every connection, in and out, proves it knows it.
         host: address to listen on for results (reachable from the last stage's node).
+        limits: what a result may be (`app.wire.Limits`).
+        on_refused: called with the reason when a connection or message is refused.
     """
 
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, secret: bytes, host: str = "127.0.0.1", limits: wire.Limits = wire.Limits(),
+                 on_refused=None):
+        self.secret = secret
         self._server, self.reply_address = listen(host)
-        self._out = Connections()
-        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, frozenset]] = {}
+        self._out = Connections(secret)
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, frozenset, int]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._watched: dict[str, list] = {}
-        serve_connections(self._server, self._on_message)
+        serve_connections(self._server, self._on_message, secret, limits, on_refused=on_refused)
 
-    def _on_message(self, header: dict, tensors: list[torch.Tensor]) -> None:
+    def _on_message(self, message: wire.Message) -> None:
+        if not isinstance(message, (wire.Result, wire.Error)):
+            raise wire.WireError(f"the ingress takes no {message.kind} message")
         with self._lock:
-            entry = self._pending.pop(header.get("step"), None)
+            entry = self._pending.pop(message.step, None)
         if entry is None:
             return  # a step we gave up on
-        loop, future, _ = entry
-        if header["kind"] == "result":
-            loop.call_soon_threadsafe(_resolve, future, tensors[0], None)
+        loop, future, _, rows = entry
+        if isinstance(message, wire.Error):
+            loop.call_soon_threadsafe(_resolve, future, None, StepFailed(message.message))
+        elif message.logits.shape[0] != rows:
+            loop.call_soon_threadsafe(_resolve, future, None, StepFailed(
+                f"step {message.step}: {message.logits.shape[0]} rows of logits for {rows} rows"))
         else:
-            loop.call_soon_threadsafe(_resolve, future, None, StepFailed(header.get("message", "stage error")))
+            loop.call_soon_threadsafe(_resolve, future, message.logits, None)
 
     async def step(self, route: list[str], inputs: torch.Tensor, slots: list[list[int]], starts: list[int],
                    num_new: list[int], *, all_logits: bool = False, timeout: float | None = None) -> torch.Tensor:
@@ -71,11 +82,11 @@ class PipelineClient:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            self._pending[step_id] = (loop, future, frozenset(route))
-        header = {"kind": "step", "step": step_id, "slots": slots, "starts": starts, "num_new": num_new,
-                  "all_logits": all_logits, "route": list(route[1:]) + [self.reply_address]}
+            self._pending[step_id] = (loop, future, frozenset(route), len(starts))
+        message = wire.Step(step_id, tuple(route[1:]) + (self.reply_address,), tuple(map(tuple, slots)),
+                            tuple(starts), tuple(num_new), all_logits, inputs)
         try:
-            await asyncio.to_thread(self._out.send, route[0], header, [inputs])
+            await asyncio.to_thread(self._out.send, route[0], message)
             return await asyncio.wait_for(future, timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise StepFailed(f"step {step_id} failed: {exc!r}") from exc
@@ -100,19 +111,18 @@ class PipelineClient:
 
     def release(self, address: str) -> None:
         """Tells a draining stage replica that it holds no sequence any more."""
-        self.notify(address, {"kind": "released"})
+        self.notify(address, wire.Released())
 
-    def notify(self, address: str, header: dict) -> None:
+    def notify(self, address: str, message: wire.Message) -> None:
         """Sends a stage replica a message that needs no answer (if it is still there)."""
         try:
-            self._out.send(address, header)
+            self._out.send(address, message)
         except OSError:
             pass
 
     def _watch(self, address: str) -> None:
         try:
-            sock = connect(address, timeout=10)
-            sock.settimeout(None)
+            sock = connect_authenticated(address, self.secret, timeout=10)
             while sock.recv(1):
                 pass
         except OSError:
@@ -126,9 +136,9 @@ class PipelineClient:
     def fail_pending(self, message: str, address: str) -> None:
         """Fails the steps in flight through `address`: their caches can no longer be trusted."""
         with self._lock:
-            failed = [key for key, (_, _, route) in self._pending.items() if address in route]
+            failed = [key for key, (_, _, route, _) in self._pending.items() if address in route]
             entries = [self._pending.pop(key) for key in failed]
-        for loop, future, _ in entries:
+        for loop, future, _, _ in entries:
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(message))
 
     def close(self) -> None:

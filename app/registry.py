@@ -6,6 +6,10 @@ actor (it dies with the ingress, and a new ingress makes a new one), every stage
 announces itself to it every second (again after a new ingress appears), and says when it is
 draining. An entry not renewed for `ttl_s` is dropped; a replica whose process dies is noticed
 sooner by the ingress's watch connection.
+
+The registry also hands out, over Ray's own authenticated channels only, what the data plane
+needs to keep strangers out (see `app.wire`): the application's secret, which the ingress made,
+and the addresses of the application's processes, which a step's route may name.
 """
 
 from __future__ import annotations
@@ -27,17 +31,29 @@ class Registry:
     """The stage replicas of one application (run as a Ray actor).
 
     Args:
+        secret: the application's data-plane secret (made by the ingress).
+        reply_address: where the ingress receives results.
         ttl_s: seconds an announcement stays valid.
     """
 
-    def __init__(self, ttl_s: float = 10.0):
+    def __init__(self, secret: bytes, reply_address: str, ttl_s: float = 10.0):
+        self.secret, self.reply_address = secret, reply_address
         self.ttl_s = ttl_s
         self._replicas: dict[str, tuple[float, dict]] = {}
 
-    def announce(self, replica: dict) -> None:
+    def announce(self, replica: dict) -> dict:
         """`replica`: {"id", "stage", "start", "end", "node", "state", "error", "address", "num_slots",
-        "draining"}; `state` is "starting", "failed" (with `error`) or "ready" (with `address`)."""
+        "draining"}; `state` is "starting", "failed" (with `error`) or "ready" (with `address`).
+
+        Returns:
+            {"secret", "addresses"}: the data plane's secret and the application's addresses.
+        """
         self._replicas[replica["id"]] = (time.monotonic(), replica)
+        return {"secret": self.secret, "addresses": self.addresses()}
+
+    def addresses(self) -> list[str]:
+        """The data-plane addresses of the application's processes: replicas and the ingress."""
+        return [r["address"] for r in self.replicas() if r.get("address")] + [self.reply_address]
 
     def withdraw(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)
@@ -59,6 +75,8 @@ class Announcer:
     def __init__(self, app_name: str, replica: dict):
         self.name = registry_name(app_name)
         self.replica = dict(replica)
+        self.secret: bytes | None = None  # from the registry: the data plane's, None until heard
+        self.addresses: frozenset[str] = frozenset()
         self._registry = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="stagewise-announce")
@@ -77,7 +95,8 @@ class Announcer:
         try:
             if self._registry is None:
                 self._registry = ray.get_actor(self.name)
-            ray.get(self._registry.announce.remote(self.replica), timeout=5)
+            heard = ray.get(self._registry.announce.remote(self.replica), timeout=5)
+            self.secret, self.addresses = heard["secret"], frozenset(heard["addresses"])
             return True
         except Exception:  # noqa: BLE001 - no ingress yet, or it is being replaced: look it up again
             self._registry = None
@@ -87,6 +106,13 @@ class Announcer:
         """Changes what is announced, and announces it now."""
         self.replica = {**self.replica, **fields}
         return self.announce()
+
+    def known(self, addresses) -> bool:
+        """Whether every address is one of the application's; asks the registry again before
+        saying no (a replica that has just started may be newer than the last announcement)."""
+        if set(addresses) <= self.addresses:
+            return True
+        return self.announce() and set(addresses) <= self.addresses
 
     def drain(self) -> bool:
         """Says that this replica is draining; False if no ingress heard it."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app import wire
 from app.transport import Connections, listen, serve_connections
 
 logger = logging.getLogger(__name__)
@@ -32,18 +33,18 @@ class StageLoad:
 class StageServer:
     """Listens for steps, runs them through the stage one at a time, forwards the results.
 
-    A step message's header: `{"kind": "step", "step": id, "slots", "starts", "num_new",
-    "all_logits", "route": [next hops..., reply address]}` with one tensor, the stage's input;
-    `slots` holds each row's cache slot for this stage and every next one (a list per stage).
-    The output goes to `route[0]` with `route[1:]` and `slots[1:]`; the last stage's output
-    (logits) goes to the reply address as `{"kind": "result", "step": id}`. A failure is sent
-    to the reply address as `{"kind": "error", "step": id, "message"}` so that nobody waits
-    forever. `{"kind": "released"}` from the ingress says that this replica, draining, holds no
-    sequence any more (`released` is set); `{"kind": "demand", "sequences", "waiting"}` says how
-    many sequences it holds and its share of those waiting for a slot (kept in `demand`).
+    Messages are `app.wire`'s, on connections that proved they know the application's secret. A
+    `Step` carries the stage's input and, per stage from this one on, each row's cache slot; its
+    output goes to `route[0]` with `route[1:]` and `slots[1:]`; the last stage's output (logits)
+    goes to the reply address as a `Result`. A failure is sent to the reply address as an `Error`
+    so that nobody waits forever. `Released` from the ingress says that this replica, draining,
+    holds no sequence any more (`released` is set); `Demand` says how many sequences it holds and
+    its share of those waiting for a slot (kept in `demand`). A step whose route names an address
+    that is not one of the application's, or whose slots are not this stage's, is refused.
 
     Args:
         stage: the `stages.Stage` to serve.
+        secret: the application's secret, or a callable returning it (None until it is known).
         host: address to listen on.
         num_threads: torch threads for a large step (None: leave torch's setting alone).
         parallel_min_tokens: steps with fewer tokens than this run on one thread. Decode steps
@@ -52,12 +53,17 @@ class StageServer:
             took 43 ms per token on 1 thread but 124 ms on 2 for one stream, and 89-98 ms on 1
             thread against 80-1500 ms (erratic) on 2 for a batch of 16. Prefill is compute-bound
             and gains from every core.
-        metrics: has `observe_step(rows, tokens, seconds, queued)` and `step_failed()`, called by
-            the compute thread once per step (e.g. `app.metrics.StageMetrics`; None: none kept).
+        metrics: has `observe_step(rows, tokens, seconds, queued)`, `step_failed()` and
+            `refused(reason)` (e.g. `app.metrics.StageMetrics`; None: none kept).
+        known_addresses: `known(addresses) -> bool`, whether every address is one of the
+            application's processes (stage replicas, the ingress; e.g. `Announcer.known`); None:
+            routes are not checked (a pipeline in one process).
+        limits: what a message may be (`app.wire.Limits`).
     """
 
-    def __init__(self, stage, host: str = "127.0.0.1", num_threads: int | None = None,
-                 parallel_min_tokens: int = 64, metrics=None):
+    def __init__(self, stage, secret, host: str = "127.0.0.1", num_threads: int | None = None,
+                 parallel_min_tokens: int = 64, metrics=None, known_addresses=None,
+                 limits: wire.Limits = wire.Limits()):
         self.stage = stage
         self.metrics = metrics
         self.num_threads, self.parallel_min_tokens = num_threads, parallel_min_tokens
@@ -65,9 +71,10 @@ class StageServer:
         self.released = threading.Event()
         self.demand = {"sequences": 0, "waiting": 0.0}
         self._inbox: queue.Queue = queue.Queue()
-        self._out = Connections()
+        self._known = known_addresses
+        self._out = Connections(secret)
         self._server, self.address = listen(host)
-        serve_connections(self._server, self._on_message)
+        serve_connections(self._server, self._on_message, secret, limits, on_refused=self._refused)
         self._worker = threading.Thread(target=self._run, daemon=True, name="stagewise-stage")
         self._worker.start()
 
@@ -75,59 +82,79 @@ class StageServer:
     def alive(self) -> bool:
         return self._worker.is_alive()
 
-    def _on_message(self, header: dict, tensors: list[torch.Tensor]) -> None:
-        if header.get("kind") == "released":
+    def _refused(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused(reason)
+
+    def _on_message(self, message: wire.Message) -> None:
+        """From a connection's thread: checks what the format cannot, then queues a step."""
+        if isinstance(message, wire.Released):
             self.released.set()
             return
-        if header.get("kind") == "demand":
-            self.demand = {"sequences": header["sequences"], "waiting": header["waiting"]}
+        if isinstance(message, wire.Demand):
+            self.demand = {"sequences": message.sequences, "waiting": message.waiting}
             return
+        if not isinstance(message, wire.Step):
+            raise wire.WireError(f"a stage takes no {message.kind} message")
+        if self._known is not None and not self._known(message.route):
+            raise wire.WireError(f"step {message.step}: its route names an address that is not the application's")
+        if max(message.slots[0]) >= self.stage.cache.num_slots:
+            raise wire.WireError(f"step {message.step}: a slot beyond this stage's {self.stage.cache.num_slots}")
+        if self.stage.is_first != (message.inputs.dim() == 2):
+            raise wire.WireError(f"step {message.step}: {'token ids' if self.stage.is_first else 'hidden states'} "
+                                 "expected")
         self.load.queued += 1
-        self._inbox.put((header, tensors, time.monotonic()))
+        self._inbox.put((message, time.monotonic()))
 
     def _run(self) -> None:
         while True:
-            header, tensors, arrived = self._inbox.get()
+            step, arrived = self._inbox.get()
             self.load.queued -= 1
-            if header is None:
+            if step is None:
                 return
-            route, slots = header["route"], header["slots"]
-            began = time.monotonic()
-            num_rows, num_tokens = len(slots[0]), sum(header["num_new"])
-            if self.num_threads:
-                threads = self.num_threads if num_tokens >= self.parallel_min_tokens else 1
-                if threads != torch.get_num_threads():
-                    torch.set_num_threads(threads)
             try:
-                out = self.stage(tensors[0], torch.tensor(slots[0]), torch.tensor(header["starts"]),
-                                 torch.tensor(header["num_new"]), all_logits=header.get("all_logits", False))
-            except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
-                logger.exception("step %s failed", header.get("step"))
-                if self.metrics is not None:
-                    self.metrics.step_failed()
-                self._send(route[-1], {"kind": "error", "step": header["step"], "message": str(exc)})
-                continue
-            done = time.monotonic()
-            elapsed = done - began
-            load = self.load
-            load.steps, load.rows, load.tokens = load.steps + 1, load.rows + num_rows, load.tokens + num_tokens
-            load.busy_s += elapsed
-            load.ongoing_s += done - arrived
-            load.last_step_at = done
-            if len(route) > 1:
-                sent = self._send(route[0], dict(header, route=route[1:], slots=slots[1:]), [out])
-            else:
-                sent = self._send(route[0], {"kind": "result", "step": header["step"]}, [out])
-            if not sent and len(route) > 1:
-                # The next stage is gone: tell the ingress now rather than let it time out.
-                self._send(route[-1], {"kind": "error", "step": header["step"],
-                                       "message": f"stage at {route[0]} unreachable"})
-            if self.metrics is not None:  # after sending: the next stage need not wait for it
-                self.metrics.observe_step(num_rows, num_tokens, elapsed, load.queued)
+                self._compute(step, arrived)
+            except Exception:  # noqa: BLE001 - the compute thread never dies of one step
+                logger.exception("step %s could not be handled", step.step)
 
-    def _send(self, address: str, header: dict, tensors=()) -> bool:
+    def _compute(self, step: wire.Step, arrived: float) -> None:
+        route, slots = step.route, step.slots
+        began = time.monotonic()
+        num_rows, num_tokens = len(step.starts), sum(step.num_new)
+        if self.num_threads:
+            threads = self.num_threads if num_tokens >= self.parallel_min_tokens else 1
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
         try:
-            self._out.send(address, header, tensors)
+            out = self.stage(step.inputs, torch.tensor(slots[0]), torch.tensor(step.starts),
+                             torch.tensor(step.num_new), all_logits=step.all_logits)
+        except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
+            logger.exception("step %s failed", step.step)
+            if self.metrics is not None:
+                self.metrics.step_failed()
+            self._send(route[-1], wire.Error(step.step, str(exc)))
+            return
+        done = time.monotonic()
+        elapsed = done - began
+        load = self.load
+        load.steps, load.rows, load.tokens = load.steps + 1, load.rows + num_rows, load.tokens + num_tokens
+        load.busy_s += elapsed
+        load.ongoing_s += done - arrived
+        load.last_step_at = done
+        if len(route) > 1:
+            sent = self._send(route[0], wire.Step(step.step, route[1:], slots[1:], step.starts, step.num_new,
+                                                  step.all_logits, out))
+        else:
+            sent = self._send(route[0], wire.Result(step.step, out))
+        if not sent and len(route) > 1:
+            # The next stage is gone: tell the ingress now rather than let it time out.
+            self._send(route[-1], wire.Error(step.step, f"stage at {route[0]} unreachable"))
+        if self.metrics is not None:  # after sending: the next stage need not wait for it
+            self.metrics.observe_step(num_rows, num_tokens, elapsed, load.queued)
+
+    def _send(self, address: str, message: wire.Message) -> bool:
+        try:
+            self._out.send(address, message)
             return True
         except OSError as exc:
             logger.warning("cannot reach %s: %s", address, exc)
@@ -135,5 +162,5 @@ class StageServer:
 
     def close(self) -> None:
         self._server.close()
-        self._inbox.put((None, None, None))
+        self._inbox.put((None, None))
         self._out.close()

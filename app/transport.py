@@ -1,83 +1,25 @@
-"""The data plane: length-framed messages of a JSON header and raw tensor bytes over TCP.
+"""The data plane's connections: authenticated TCP between the application's own processes.
 
-A step travels ingress -> stage 0 -> ... -> last stage -> ingress, each hop one message on a
-persistent connection: the header says what to do and where to send the result (the remaining
-route), the payload is the tensors' bytes, never pickled Python objects.
+A step travels ingress -> stage 0 -> ... -> last stage -> ingress, each hop one message (see
+`app.wire`, which owns the format, its checks and the handshake) on a persistent connection.
+Every connection starts with the handshake; a peer that fails it, or later sends a message that
+breaks the format, is refused: the connection is closed, the event logged and counted, and
+nothing it sent reaches compute or the engine.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import socket
-import struct
 import threading
 
-import torch
+from app import wire
 
-_LEN = struct.Struct("!Q")
-DTYPES = {str(d).removeprefix("torch."): d for d in
-          (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool)}
+logger = logging.getLogger(__name__)
 
 
-class ConnectionClosed(ConnectionError):
-    """The peer closed the connection."""
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytearray:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:], size - got)
-        if n == 0:
-            raise ConnectionClosed("connection closed by peer")
-        got += n
-    return buf
-
-
-def send_message(sock: socket.socket, header: dict, tensors: list[torch.Tensor] = ()) -> None:
-    """Sends one message: header length, header JSON, then each tensor's bytes.
-
-    Args:
-        sock: a connected socket.
-        header: JSON-serialisable metadata (the tensors' dtypes and shapes are added).
-        tensors: tensors on any device; they are copied to the CPU.
-    """
-    tensors = [t.detach().to("cpu").contiguous() for t in tensors]
-    header = dict(header, tensors=[[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors])
-    head = json.dumps(header).encode()
-    payloads = [t.view(-1).view(torch.uint8).numpy() if t.numel() else b"" for t in tensors]
-    total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in payloads)
-    sock.sendall(_LEN.pack(len(head)) + head + _LEN.pack(total))
-    for payload in payloads:
-        sock.sendall(payload)
-
-
-def recv_message(sock: socket.socket) -> tuple[dict, list[torch.Tensor]]:
-    """Receives one message sent by `send_message`.
-
-    Returns:
-        (header, tensors) with the tensors on the CPU.
-
-    Raises:
-        ConnectionClosed: the peer closed the connection.
-    """
-    (head_len,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-    header = json.loads(_recv_exact(sock, head_len))
-    (total,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-    payload = _recv_exact(sock, total) if total else bytearray()
-    tensors, offset = [], 0
-    for dtype_name, shape in header.pop("tensors"):
-        dtype = DTYPES[dtype_name]
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        size = numel * torch.empty((), dtype=dtype).element_size()
-        raw = torch.frombuffer(payload, dtype=torch.uint8, offset=offset, count=size) if size else \
-            torch.empty(0, dtype=torch.uint8)
-        tensors.append(raw.view(dtype).reshape(shape))
-        offset += size
-    return header, tensors
+def _secret_of(secret) -> bytes | None:
+    return secret() if callable(secret) else secret
 
 
 def connect(address: str, timeout: float | None = None) -> socket.socket:
@@ -89,23 +31,49 @@ def connect(address: str, timeout: float | None = None) -> socket.socket:
     return sock
 
 
-class Connections:
-    """Persistent outgoing connections, one per address, safe to share between threads."""
+def connect_authenticated(address: str, secret, timeout: float | None = None) -> socket.socket:
+    """A connection to "host:port" on which both sides have proved they know `secret`.
 
-    def __init__(self, connect_timeout: float = 10.0):
+    Raises:
+        OSError: the peer cannot be reached, or does not know the secret (`wire.WireError`
+            counts as a connection failure here: the step goes elsewhere or fails).
+    """
+    key = _secret_of(secret)
+    if key is None:
+        raise ConnectionRefusedError("no application secret yet: cannot prove who we are")
+    sock = connect(address, timeout)
+    try:
+        wire.prove_client(sock, key)
+    except (wire.WireError, OSError) as exc:
+        sock.close()
+        raise ConnectionRefusedError(f"{address}: handshake failed: {exc}") from None
+    return sock
+
+
+class Connections:
+    """Persistent authenticated outgoing connections, one per address, safe to share between threads.
+
+    Args:
+        secret: the application's secret (bytes), or a callable returning it (None: not known yet).
+        connect_timeout: seconds to connect and complete the handshake.
+    """
+
+    def __init__(self, secret, connect_timeout: float = 10.0):
         self._socks: dict[str, socket.socket] = {}
         self._lock = threading.Lock()
+        self._secret = secret
         self._connect_timeout = connect_timeout
 
-    def send(self, address: str, header: dict, tensors: list[torch.Tensor] = ()) -> None:
+    def send(self, address: str, message: wire.Message) -> None:
         """Sends a message to `address`, reconnecting once if the old connection broke."""
         with self._lock:
             for attempt in range(2):
                 sock = self._socks.get(address)
                 try:
                     if sock is None:
-                        sock = self._socks[address] = connect(address, self._connect_timeout)
-                    send_message(sock, header, tensors)
+                        sock = self._socks[address] = connect_authenticated(address, self._secret,
+                                                                            self._connect_timeout)
+                    wire.send(sock, message)
                     return
                 except OSError:
                     self._drop(address)
@@ -132,19 +100,38 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> tuple[socket.socket, str]:
     return server, f"{host}:{server.getsockname()[1]}"
 
 
-def serve_connections(server: socket.socket, on_message, on_close=None) -> threading.Thread:
-    """Accepts connections on `server` and calls `on_message(header, tensors)` for each message.
+def serve_connections(server: socket.socket, on_message, secret, limits: wire.Limits = wire.Limits(),
+                      on_refused=None, on_close=None) -> threading.Thread:
+    """Accepts connections on `server`; for each authenticated one, calls `on_message(message)` with
+    every message it sends (checked by `app.wire`).
 
-    Each connection is read by its own daemon thread; returns the accepting thread.
+    A connection that fails the handshake or sends a message that breaks the format is refused:
+    closed, logged with the peer's address and the reason, and `on_refused(reason)` is called.
+    `on_message` may raise `wire.WireError` to refuse a message that is well-formed but not
+    acceptable (a route through an unknown replica, say). Each connection is read by its own daemon
+    thread; returns the accepting thread.
+
+    Args:
+        secret: the application's secret (bytes), or a callable returning it (None: refuse all).
     """
 
-    def read(sock: socket.socket) -> None:
+    def read(sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stage = "handshake"
         try:
+            wire.prove_server(sock, _secret_of(secret))
+            stage = "message"
             while True:
-                on_message(*recv_message(sock))
-        except (ConnectionClosed, OSError):
-            pass
+                on_message(wire.recv(sock, limits))
+        except wire.WireError as exc:
+            logger.warning("data plane: refused %s (%s): %s", peer, stage, exc)
+            if on_refused is not None:
+                on_refused(stage)
+        except (ConnectionError, OSError):
+            if stage == "handshake":  # a stranger that connected and left, or timed out
+                logger.warning("data plane: refused %s (handshake): it did not complete the handshake", peer)
+                if on_refused is not None:
+                    on_refused(stage)
         finally:
             sock.close()
             if on_close is not None:
@@ -153,10 +140,11 @@ def serve_connections(server: socket.socket, on_message, on_close=None) -> threa
     def accept() -> None:
         while True:
             try:
-                sock, _ = server.accept()
+                sock, peer = server.accept()
             except OSError:
                 return  # listening socket closed
-            threading.Thread(target=read, args=(sock,), daemon=True, name="stagewise-recv").start()
+            threading.Thread(target=read, args=(sock, f"{peer[0]}:{peer[1]}"), daemon=True,
+                             name="stagewise-recv").start()
 
     thread = threading.Thread(target=accept, daemon=True, name="stagewise-accept")
     thread.start()

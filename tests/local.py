@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 from fastapi.testclient import TestClient
@@ -58,9 +59,10 @@ def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model"
     real HTTP server's URL instead of the TestClient."""
     config = EngineConfig(**{"max_model_len": 512, **engine_kwargs})
     quantizations = quantizations or ["none"] * len(ranges)
+    secret = os.urandom(32)  # the application's data-plane secret
     servers = [StageServer(Stage(model_dir, start, end, num_slots=config.max_batch_size, max_len=config.max_model_len,
-                                 quantization=q)) for (start, end), q in zip(ranges, quantizations)]
-    pipeline = PipelineClient()
+                                 quantization=q), secret) for (start, end), q in zip(ranges, quantizations)]
+    pipeline = PipelineClient(secret)
     engine = Engine(pipeline, config, len(servers))
     engine.set_replicas(replicas_of(servers, config.max_batch_size))
     info = model_info(model_dir, name, config.max_model_len)

@@ -9,22 +9,14 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.api import create_app
 from app.builder import BuilderArgs, api_keys
 from app.sampling import SamplingParams, process_logits, sample_one, sample_row
+from tests.reference import greedy_text
 from tests.local import local_app, model_info
 
 TWO = [(0, 3), (3, 6)]
-
-
-def reference_text(model_dir: str, prompt: str, max_tokens: int) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer(prompt).input_ids
-    out = AutoModelForCausalLM.from_pretrained(model_dir).generate(torch.tensor([ids]), max_new_tokens=max_tokens,
-                                                                   min_new_tokens=max_tokens, do_sample=False)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def post_all(url: str, bodies: list[dict], timeout: float = 60) -> list[httpx.Response | Exception]:
@@ -63,7 +55,7 @@ def poison_slot(server, slot: int, make) -> None:
 
 def test_a_tiny_temperature_is_greedy_and_stalls_nobody(checkpoint):
     model_dir = checkpoint("llama")
-    expected = reference_text(model_dir, "the city", 12)
+    expected = greedy_text(model_dir, "the city", 12)
     body = {"prompt": "the city", "max_tokens": 12, "min_tokens": 12}
     with local_app(model_dir, TWO, http=True) as (url, engine, _):
         results = post_all(url, [dict(body, temperature=0), dict(body, temperature=1e-40), dict(body, temperature=0)])
@@ -74,7 +66,7 @@ def test_a_tiny_temperature_is_greedy_and_stalls_nobody(checkpoint):
 
 def test_non_finite_logits_fail_only_their_sequence(checkpoint):
     model_dir = checkpoint("llama")
-    expected = reference_text(model_dir, "the city", 24)
+    expected = greedy_text(model_dir, "the city", 24)
     with local_app(model_dir, TWO, http=True) as (url, engine, servers):
         poison_slot(servers[-1], 1, lambda row: torch.full_like(row, float("nan")))  # the second request's slot
         honest, poisoned = post_all(url, [{"prompt": "the city", "max_tokens": 24, "min_tokens": 24, "temperature": 0},

@@ -14,12 +14,12 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from tests import hosts as hosts_module
 from tests.checkpoints import build_llama_125m, corpus
+from tests.reference import greedy_text
 
 MIB = 2**20
 PORT = 8000
@@ -144,13 +144,6 @@ def prompts_of(model_dir: str, num: int) -> list[list[int]]:
     return [tokenizer(line).input_ids[:24] for line in corpus(num, seed=14)]
 
 
-def transformers_text(model_dir: str, ids: list[int], max_tokens: int) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    out = AutoModelForCausalLM.from_pretrained(model_dir).generate(
-        torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
 def differences(texts: list[str], expected: list[str]) -> list[str]:
     """Where each stream's text first differs from the expected one (tokens are `<...>` here)."""
     out = []
@@ -187,7 +180,7 @@ def test_auto_splits_a_model_no_host_holds_and_survives_a_host_restart(llama_125
     and back 5 s later: the streams finish as an undisturbed run of them does, token for token."""
     require_hosts()
     prompts = prompts_of(llama_125m, 4)
-    expected = transformers_text(llama_125m, prompts[0], 160)
+    expected = greedy_text(llama_125m, prompts[0], 160)
     hosts = two_small_hosts()
     try:
         with Served(hosts, {"model": llama_125m, "num_stages": "auto", "max_model_len": 512, "max_batch_size": 8,

@@ -83,9 +83,10 @@ def test_hooks_in_process(checkpoint):
     model_dir = checkpoint("llama")
     config = EngineConfig(max_model_len=256)
     stage_metrics = [Recorder(), Recorder()]
-    servers = [StageServer(Stage(model_dir, start, end, num_slots=config.max_batch_size, max_len=256), metrics=m)
-               for (start, end), m in zip([(0, 3), (3, 6)], stage_metrics)]
-    pipeline = PipelineClient()
+    secret = b"the application's data-plane secret"
+    servers = [StageServer(Stage(model_dir, start, end, num_slots=config.max_batch_size, max_len=256), secret,
+                           metrics=m) for (start, end), m in zip([(0, 3), (3, 6)], stage_metrics)]
+    pipeline = PipelineClient(secret)
     ingress = Recorder()
     engine = Engine(pipeline, config, len(servers), metrics=ingress)
     engine.set_replicas(replicas_of(servers, config.max_batch_size))

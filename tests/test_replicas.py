@@ -27,15 +27,19 @@ def reference(model_dir: str) -> list[list[int]]:
     return out
 
 
+SECRET = b"the application's data-plane secret"
+
+
 class Cluster:
     """Stage 0 with one replica, stage 1 with two, each a stage server in this process."""
 
     def __init__(self, model_dir: str, num_slots: int = 4):
         self.num_slots = num_slots
+        self.secret = SECRET
         self.servers = {
-            "a": StageServer(Stage(model_dir, 0, 3, num_slots=num_slots, max_len=128)),
-            "b1": StageServer(Stage(model_dir, 3, 6, num_slots=num_slots, max_len=128)),
-            "b2": StageServer(Stage(model_dir, 3, 6, num_slots=num_slots, max_len=128)),
+            "a": StageServer(Stage(model_dir, 0, 3, num_slots=num_slots, max_len=128), SECRET),
+            "b1": StageServer(Stage(model_dir, 3, 6, num_slots=num_slots, max_len=128), SECRET),
+            "b2": StageServer(Stage(model_dir, 3, 6, num_slots=num_slots, max_len=128), SECRET),
         }
         self.draining: set[str] = set()
         self.present = set(self.servers)
@@ -80,7 +84,7 @@ def test_routes_spread_stick_and_drain(checkpoint):
     model_dir = checkpoint("llama")
     expected = reference(model_dir)
     cluster = Cluster(model_dir)
-    pipeline = PipelineClient()
+    pipeline = PipelineClient(SECRET)
     drained = []
     engine = Engine(pipeline, EngineConfig(max_batch_size=4, max_model_len=128), num_stages=2,
                     on_drained=lambda replica: (drained.append(replica.id), pipeline.release(replica.address)))
@@ -111,7 +115,7 @@ def test_a_replica_that_disappears_loses_no_token(checkpoint):
     model_dir = checkpoint("llama")
     expected = reference(model_dir)
     cluster = Cluster(model_dir, num_slots=6)
-    pipeline = PipelineClient()
+    pipeline = PipelineClient(SECRET)
     engine = Engine(pipeline, EngineConfig(max_batch_size=6, max_model_len=128), num_stages=2)
     engine.set_replicas(cluster.replicas())
     removed = []

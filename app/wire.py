@@ -1,0 +1,303 @@
+"""The data plane's wire format, in one place: typed messages, their framing, their checks, and
+the handshake that lets only the application's own processes talk.
+
+Every connection, in both directions, starts with a challenge and response over a
+per-application secret (created by the ingress, handed to the stages only through Ray, see
+`app.registry`): each side sends a random nonce and proves it knows the secret with an HMAC of
+both nonces, before any message is read. Messages then travel in clear text, as Ray's own object
+transfers do: the cluster network should be private.
+
+A message is `!Q` header length, the header (a JSON object), `!Q` payload length, the payload
+(the tensors' bytes). Decoding checks everything before anything reaches compute or the engine:
+sizes against `Limits` (before allocating), a known kind with its fields of the right types,
+known dtypes, shapes that are non-negative and add up to the payload.
+
+    Step      ingress/stage -> stage   a batch to compute: rows' slots per remaining stage, starts,
+                                       new tokens, the route on (next stages..., the reply address)
+    Result    last stage -> ingress    a step's logits
+    Error     stage -> ingress         a step failed (message)
+    Released  ingress -> stage         a draining replica holds no sequence any more
+    Demand    ingress -> stage         sequences held and waiting, for autoscaling
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+LEN = struct.Struct("!Q")
+NONCE_BYTES = 32
+MAC_BYTES = hashlib.sha256().digest_size
+HANDSHAKE_TIMEOUT_S = 5.0
+DTYPES = {str(d).removeprefix("torch."): d for d in
+          (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool)}
+
+
+class WireError(ValueError):
+    """A message or a handshake that is refused; the connection is closed."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts before it allocates.
+
+    Attributes:
+        max_header_bytes: a header's JSON.
+        max_payload_bytes: a message's tensors together (a prefill's activations, a step's logits).
+        max_rows: rows (sequences) in one step.
+    """
+
+    max_header_bytes: int = 1 << 20
+    max_payload_bytes: int = 1 << 30
+    max_rows: int = 4096
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int
+    route: tuple[str, ...]  # the next stages' addresses, then the reply address
+    slots: tuple[tuple[int, ...], ...]  # per stage from this one on, each row's cache slot
+    starts: tuple[int, ...]
+    num_new: tuple[int, ...]
+    all_logits: bool
+    inputs: torch.Tensor = field(compare=False)
+
+    kind = "step"
+
+
+@dataclass(frozen=True)
+class Result:
+    step: int
+    logits: torch.Tensor = field(compare=False)
+
+    kind = "result"
+
+
+@dataclass(frozen=True)
+class Error:
+    step: int
+    message: str
+
+    kind = "error"
+
+
+@dataclass(frozen=True)
+class Released:
+    kind = "released"
+
+
+@dataclass(frozen=True)
+class Demand:
+    sequences: int
+    waiting: float
+
+    kind = "demand"
+
+
+Message = Step | Result | Error | Released | Demand
+KINDS = {cls.kind: cls for cls in (Step, Result, Error, Released, Demand)}
+
+
+# ---- encoding ----
+
+def encode(message: Message) -> tuple[bytes, list[torch.Tensor]]:
+    """The frame's head (lengths and header) and the tensors whose bytes follow it."""
+    tensors = [t.detach().to("cpu").contiguous() for t in _tensors_of(message)]
+    header = {"kind": message.kind, **_fields_of(message),
+              "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]}
+    head = json.dumps(header).encode()
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    return LEN.pack(len(head)) + head + LEN.pack(total), tensors
+
+
+def send(sock: socket.socket, message: Message) -> None:
+    head, tensors = encode(message)
+    sock.sendall(head)
+    for tensor in tensors:
+        if tensor.numel():
+            sock.sendall(tensor.view(-1).view(torch.uint8).numpy())
+
+
+def _tensors_of(message: Message) -> list[torch.Tensor]:
+    if isinstance(message, Step):
+        return [message.inputs]
+    if isinstance(message, Result):
+        return [message.logits]
+    return []
+
+
+def _fields_of(message: Message) -> dict:
+    if isinstance(message, Step):
+        return {"step": message.step, "route": list(message.route), "slots": [list(s) for s in message.slots],
+                "starts": list(message.starts), "num_new": list(message.num_new), "all_logits": message.all_logits}
+    if isinstance(message, Result):
+        return {"step": message.step}
+    if isinstance(message, Error):
+        return {"step": message.step, "message": message.message}
+    if isinstance(message, Demand):
+        return {"sequences": message.sequences, "waiting": message.waiting}
+    return {}
+
+
+# ---- decoding ----
+
+def recv(sock: socket.socket, limits: Limits) -> Message:
+    """Reads and checks one message.
+
+    Raises:
+        ConnectionError: the peer closed the connection.
+        WireError: the message breaks the format or the limits (nothing larger than the limits
+            was allocated).
+    """
+    (head_len,) = LEN.unpack(recv_exact(sock, LEN.size))
+    if head_len > limits.max_header_bytes:
+        raise WireError(f"header of {head_len} bytes over the limit of {limits.max_header_bytes}")
+    try:
+        header = json.loads(recv_exact(sock, head_len))
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header is {type(header).__name__}, not an object")
+    (total,) = LEN.unpack(recv_exact(sock, LEN.size))
+    specs = _tensor_specs(header.pop("tensors", None), total, limits)
+    payload = recv_exact(sock, total) if total else bytearray()
+    tensors, offset = [], 0
+    for dtype, shape, size in specs:
+        raw = torch.frombuffer(payload, dtype=torch.uint8, offset=offset, count=size) if size else \
+            torch.empty(0, dtype=torch.uint8)
+        tensors.append(raw.view(dtype).reshape(shape))
+        offset += size
+    return _message(header, tensors, limits)
+
+
+def _tensor_specs(specs, total: int, limits: Limits) -> list[tuple[torch.dtype, list[int], int]]:
+    if total > limits.max_payload_bytes:
+        raise WireError(f"payload of {total} bytes over the limit of {limits.max_payload_bytes}")
+    if not isinstance(specs, list) or len(specs) > 4:
+        raise WireError("tensors: a list of at most 4 [dtype, shape] pairs expected")
+    out, size_sum = [], 0
+    for spec in specs:
+        if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in DTYPES and isinstance(spec[1], list)
+                and len(spec[1]) <= 4 and all(type(d) is int and 0 <= d <= total for d in spec[1])):
+            raise WireError(f"tensor {str(spec)[:80]}: a known dtype and at most 4 non-negative dims expected")
+        dtype = DTYPES[spec[0]]
+        size = math.prod(spec[1]) * torch.empty((), dtype=dtype).element_size()
+        size_sum += size
+        out.append((dtype, spec[1], size))
+    if size_sum != total:
+        raise WireError(f"the tensors' shapes make {size_sum} bytes, the payload has {total}")
+    return out
+
+
+def _ints(value, name: str, low: int = 0, high: int = 2**62) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(v) is int and low <= v <= high for v in value):
+        raise WireError(f"{name}: a list of integers in [{low}, {high}] expected")
+    return tuple(value)
+
+
+def _message(header: dict, tensors: list[torch.Tensor], limits: Limits) -> Message:
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise WireError(f"unknown kind {str(kind)[:40]!r}")
+    if kind in ("step", "result", "error") and type(header.get("step")) is not int:
+        raise WireError(f"{kind}: an integer step id expected")
+    expected_tensors = 1 if kind in ("step", "result") else 0
+    if len(tensors) != expected_tensors:
+        raise WireError(f"{kind}: {expected_tensors} tensors expected, got {len(tensors)}")
+    if kind == "step":
+        return _step(header, tensors[0], limits)
+    if kind == "result":
+        if tensors[0].dtype != torch.float32 or tensors[0].dim() not in (2, 3):
+            raise WireError("result: float32 logits of 2 or 3 dims expected")
+        return Result(header["step"], tensors[0])
+    if kind == "error":
+        if not isinstance(header.get("message"), str):
+            raise WireError("error: a message string expected")
+        return Error(header["step"], header["message"][:2000])
+    if kind == "demand":
+        sequences, waiting = header.get("sequences"), header.get("waiting")
+        if type(sequences) is not int or sequences < 0 or type(waiting) not in (int, float) or not 0 <= waiting < 1e9:
+            raise WireError("demand: non-negative sequences and waiting expected")
+        return Demand(sequences, float(waiting))
+    return Released()
+
+
+def _step(header: dict, inputs: torch.Tensor, limits: Limits) -> Step:
+    route = header.get("route")
+    if not isinstance(route, list) or not route or not all(isinstance(a, str) and len(a) < 256 for a in route):
+        raise WireError("step: a non-empty route of addresses expected")
+    slots = header.get("slots")
+    if not isinstance(slots, list) or len(slots) != len(route):
+        raise WireError("step: one list of slots per stage left on the route expected")
+    slots = tuple(_ints(s, "slots", 0, 1 << 20) for s in slots)
+    starts = _ints(header.get("starts"), "starts")
+    num_new = _ints(header.get("num_new"), "num_new", 1)
+    rows = len(starts)
+    if not 0 < rows <= limits.max_rows or len(num_new) != rows or any(len(s) != rows for s in slots):
+        raise WireError(f"step: 1 to {limits.max_rows} rows, the same number in slots, starts and num_new")
+    if any(len(set(s)) != rows for s in slots):
+        raise WireError("step: two rows in one cache slot")
+    if inputs.dim() not in (2, 3) or inputs.shape[0] != rows or inputs.shape[1] < max(num_new):
+        raise WireError(f"step: inputs of shape {list(inputs.shape)} do not fit {rows} rows of up to "
+                        f"{max(num_new)} tokens")
+    if not isinstance(header.get("all_logits", False), bool):
+        raise WireError("step: all_logits must be a boolean")
+    return Step(header["step"], tuple(route), slots, starts, num_new, header.get("all_logits", False), inputs)
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            raise ConnectionError("connection closed by peer")
+        got += n
+    return buf
+
+
+# ---- the handshake ----
+
+def _mac(secret: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(secret, role + first + second, hashlib.sha256).digest()
+
+
+def prove_client(sock: socket.socket, secret: bytes) -> None:
+    """The connecting side: answers the server's challenge, then checks the server's answer.
+
+    Raises:
+        WireError: the server does not know the secret.
+    """
+    sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    server_nonce = bytes(recv_exact(sock, NONCE_BYTES))
+    client_nonce = os.urandom(NONCE_BYTES)
+    sock.sendall(client_nonce + _mac(secret, b"client", server_nonce, client_nonce))
+    if not hmac.compare_digest(bytes(recv_exact(sock, MAC_BYTES)), _mac(secret, b"server", client_nonce, server_nonce)):
+        raise WireError("the server did not prove that it knows the application's secret")
+    sock.settimeout(None)
+
+
+def prove_server(sock: socket.socket, secret: bytes | None) -> None:
+    """The accepting side: challenges the client, checks its answer, then proves itself.
+
+    Raises:
+        WireError: the client does not know the secret (or this side knows none yet).
+    """
+    sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    server_nonce = os.urandom(NONCE_BYTES)
+    sock.sendall(server_nonce)
+    answer = bytes(recv_exact(sock, NONCE_BYTES + MAC_BYTES))
+    client_nonce, mac = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
+    if secret is None or not hmac.compare_digest(mac, _mac(secret, b"client", server_nonce, client_nonce)):
+        raise WireError("the client did not prove that it knows the application's secret")
+    sock.sendall(_mac(secret, b"server", client_nonce, server_nonce))
+    sock.settimeout(None)

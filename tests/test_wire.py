@@ -1,0 +1,194 @@
+"""Only the application's own processes talk on the data plane (issue 15): every attack below comes
+from a plain socket client that is not part of the application, and is refused without harm."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import torch
+
+from app import wire
+from app.transport import connect
+from tests.reference import greedy_text
+from tests.local import local_app
+
+TWO = [(0, 3), (3, 6)]
+Q = struct.Struct("!Q")
+
+
+def frame(header, payload: bytes = b"", head_len: int | None = None) -> bytes:
+    """A message in the wire's framing (as a stranger who read the code would send it)."""
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return Q.pack(len(head) if head_len is None else head_len) + head + Q.pack(len(payload)) + payload
+
+
+def step_header(route, slots=((0,),), tensor=("int64", [1, 1])) -> dict:
+    return {"kind": "step", "step": 7, "route": route, "slots": [list(s) for s in slots], "starts": [0],
+            "num_new": [1], "all_logits": False, "tensors": [list(tensor)]}
+
+
+TOKEN = struct.pack("<q", 5)  # one int64 token id
+
+
+class Listener:
+    """A stranger's own port: records whatever any stage sends it."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.received = bytearray()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn):
+        while data := conn.recv(65536):
+            self.received += data
+
+
+def stranger_sends(address: str, data: bytes) -> bool:
+    """Sends raw bytes; True if the peer closed the connection on us (refused; a message too short
+    for the handshake waits out its timeout first)."""
+    sock = connect(address, timeout=5)
+    sock.settimeout(wire.HANDSHAKE_TIMEOUT_S + 3)
+    try:
+        sock.sendall(data)
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        sock.close()
+
+
+def test_strangers_are_refused_and_nothing_is_computed_for_them(checkpoint):
+    model_dir = checkpoint("llama")
+    with local_app(model_dir, TWO) as (client, engine, servers):
+        first, last = servers
+        spy = Listener()
+        attacks = {
+            # a step with no route used to kill the compute thread
+            "no route": frame({k: v for k, v in step_header([spy.address]).items() if k != "route"}, TOKEN),
+            # compute for me, send the activations where I say, in a slot I choose (another user's cache)
+            "compute for me": frame(step_header([last.address, spy.address], slots=((0,), (0,))), TOKEN),
+            "drain": frame({"kind": "released", "tensors": []}),
+            "autoscale": frame({"kind": "demand", "sequences": 99, "waiting": 99.0, "tensors": []}),
+            "huge header": Q.pack(2**62),
+        }
+        for name, data in attacks.items():
+            assert stranger_sends(first.address, data), name
+        time.sleep(1)
+        assert first.alive and last.alive
+        assert first.load.steps == 0 and last.load.steps == 0  # nothing computed for a stranger
+        assert not spy.received  # no byte sent where a stranger asked
+        assert not first.released.is_set() and first.demand == {"sequences": 0, "waiting": 0.0}
+        # ... and the application still serves
+        r = client.post("/v1/completions", json={"model": "model", "prompt": "the", "max_tokens": 3})
+        assert r.status_code == 200
+
+
+def test_forged_results_change_no_one_s_tokens(checkpoint):
+    model_dir = checkpoint("llama")
+    expected = greedy_text(model_dir, "the city", 24)
+    with local_app(model_dir, TWO, http=True) as (url, engine, servers):
+        reply = engine.pipeline.reply_address
+        stop = threading.Event()
+        refused = []
+
+        def forge():
+            logits = torch.zeros(1, 1000)
+            logits[0, 42] = 100.0
+            while not stop.is_set():
+                for step in range(200):  # guessable step ids
+                    header = {"kind": "result", "step": step, "tensors": [["float32", [1, 1000]]]}
+                    refused.append(stranger_sends(reply, frame(header, logits.numpy().tobytes())))
+                    if stop.is_set():
+                        return
+
+        thread = threading.Thread(target=forge, daemon=True)
+        thread.start()
+        import httpx
+
+        try:
+            for _ in range(2):
+                r = httpx.post(url + "/v1/completions", json={"model": "model", "prompt": "the city",
+                                                               "max_tokens": 24, "min_tokens": 24, "temperature": 0},
+                               timeout=120)
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+        finally:
+            stop.set()
+            thread.join()
+        assert refused and all(refused)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("header over the cap", Q.pack(2**40)),
+    ("header not an object", frame([1, 2, 3])),
+    ("header not JSON", frame(b"\xff\xfe{")),
+    ("unknown kind", frame({"kind": "shutdown", "tensors": []})),
+    ("unknown dtype", frame(step_header(["x:1"], tensor=("complex128", [1, 1])), TOKEN)),
+    ("shape does not match the payload", frame(step_header(["x:1"], tensor=("int64", [1, 4])), TOKEN)),
+    ("negative dimension", frame(step_header(["x:1"], tensor=("int64", [-1, -8])), TOKEN)),
+    ("payload over the cap", frame(step_header(["x:1"]))[:-8] + Q.pack(2**50)),
+    ("no route", frame({k: v for k, v in step_header(["x:1"]).items() if k != "route"}, TOKEN)),
+    ("slot beyond the cache", frame(step_header(["x:1"], slots=((99,),)), TOKEN)),
+    ("route through a stranger", frame(step_header(["10.9.9.9:1"]), TOKEN)),
+])
+def test_even_an_authenticated_peer_cannot_send_a_malformed_message(checkpoint, name, data):
+    """A bug in one of our own processes: refused before compute, the connection closed, nothing dies."""
+    model_dir = checkpoint("llama")
+    with local_app(model_dir, [(0, 6)]) as (client, engine, servers):
+        (server,) = servers
+        server._known = lambda route: set(route) <= {engine.pipeline.reply_address}
+        sock = connect(server.address, timeout=5)
+        wire.prove_client(sock, engine.pipeline.secret)
+        sock.settimeout(5)
+        try:
+            sock.sendall(data)
+            assert sock.recv(1) == b""  # closed on us
+        except ConnectionResetError:
+            pass  # closed on us before it read all we sent
+        sock.close()
+        assert server.alive and server.load.steps == 0
+        r = client.post("/v1/completions", json={"model": "model", "prompt": "the", "max_tokens": 2})
+        assert r.status_code == 200
+
+
+def test_handshake_needs_the_secret_both_ways():
+    a, b = socket.socketpair()
+    errors = []
+
+    def serve():
+        try:
+            wire.prove_server(b, b"secret one")
+        except wire.WireError as exc:
+            errors.append(exc)
+            b.close()  # as the server does
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with pytest.raises((wire.WireError, ConnectionError)):
+        wire.prove_client(a, b"secret two")
+    thread.join()
+    assert errors  # the server refused the wrong client, and the client did not trust the server
+    a, b = socket.socketpair()
+    thread = threading.Thread(target=wire.prove_server, args=(b, b"same"))
+    thread.start()
+    wire.prove_client(a, b"same")
+    thread.join()
