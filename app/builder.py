@@ -196,7 +196,10 @@ def build_app(args: BuilderArgs):
                                       limits=limits))
     # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues
     # (and answers 503 past max_queued_requests) itself.
-    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", ray_actor_options={"num_cpus": 0},
+    # The ingress runs where the checkpoint is (here): it reads the tokenizer, and serves the
+    # tensors to stages on nodes without the files.
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress",
+                               ray_actor_options={"num_cpus": 0, **_this_node_pin()},
                                max_ongoing_requests=args.max_batch_size + args.max_queued_requests + 64)
     keys = api_keys(args)
     logger.info("stagewise: %s", f"{len(keys)} API key(s) required" if keys else "no API key required")
@@ -216,6 +219,26 @@ def stage_env(threads: int, quantization: str) -> dict[str, str]:
     # them afresh every step cost 8% of the step (2 MiB of logits, for one).
     env["MALLOC_MMAP_THRESHOLD_"] = "131072" if quantization != "none" else str(4 * 2**20)
     return env
+
+
+def _this_node_pin() -> dict:
+    """`ray_actor_options` that put an actor on the node running this code (by the node's name),
+    or nothing outside a Ray cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    from app.cluster import live_nodes
+
+    try:
+        here, nodes = ray.get_runtime_context().get_node_id(), ray.nodes()
+    except Exception:  # noqa: BLE001 - not connected after all
+        return {}
+    for node in nodes:
+        if node["NodeID"] == here:
+            (pin,) = [pin for _, pin in live_nodes([node]).values()]
+            return pin
+    return {}
 
 
 def _default_gpus_per_stage(num_stages: int) -> float:

@@ -25,6 +25,7 @@ from app.pipeline import PipelineClient
 from app import wire
 from app.registry import Announcer, Registry, registry_name
 from app.stage_server import StageServer
+from app.weights import WeightServer, local_checkpoint, weights_name
 from stages import Stage
 
 logger = logging.getLogger("ray.serve")
@@ -102,6 +103,7 @@ class StageDeployment:
         self._stats_at, self._stats_ongoing_s = time.monotonic(), 0.0
         self._closed = threading.Event()
         context = serve.get_replica_context()
+        self.app_name, self.fetched_bytes = context.app_name, 0
         self.announcer = Announcer(context.app_name, {
             "id": context.replica_id.unique_id, "stage": index, "start": start, "end": end, "node": _node_name(),
             "state": "starting", "error": None, "address": None, "num_slots": max_batch_size, "draining": False})
@@ -120,7 +122,9 @@ class StageDeployment:
                         load["end"], load["model_dir"], device, load["dtype"], load["quantization"],
                         torch.get_num_threads())
             try:
-                stage = Stage(load["model_dir"], load["start"], load["end"], device=device,
+                model_dir, self.fetched_bytes = local_checkpoint(load["model_dir"], load["start"], load["end"],
+                                                                 self.app_name, name)
+                stage = Stage(model_dir, load["start"], load["end"], device=device,
                               **{k: v for k, v in load.items() if k not in ("model_dir", "start", "end")})
             except Exception as exc:  # noqa: BLE001 - whatever the cause, say it and try again later
                 cause = f"{type(exc).__name__}: {exc}"
@@ -144,7 +148,8 @@ class StageDeployment:
         if self.stage is None:
             return {"index": self.index, "state": self.announcer.replica["state"],
                     "error": self.announcer.replica["error"]}
-        return {"index": self.index, "address": self.server.address, "start": self.stage.start,
+        return {"index": self.index, "address": self.server.address, "fetched_bytes": self.fetched_bytes,
+                "start": self.stage.start,
                 "end": self.stage.end, "pid": os.getpid(), "weight_bytes": self.stage.weight_bytes(),
                 "device": str(self.stage.device), "quantization": self.stage.quantization or "none",
                 **process_memory()}
@@ -240,6 +245,8 @@ class Ingress:
         # The data plane's secret: made here, handed to the stages only through the registry (Ray).
         self.pipeline = PipelineClient(os.urandom(32), host=_node_ip(), limits=limits, on_refused=self.metrics.refused)
         self.registry = self._make_registry()
+        # Stages on nodes without the checkpoint fetch their tensors from this node.
+        self.weights = self._on_this_node(WeightServer, weights_name(self.app_name)).remote(model_dir)
         self.engine = Engine(self.pipeline, engine_config, len(stages), recover=self.find_stages,
                              on_drained=lambda replica: self.pipeline.release(replica.address),
                              metrics=self.metrics)
@@ -248,16 +255,19 @@ class Ingress:
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
         logger.info("Ingress: %s through %d stages; waiting for them to load", served_name, len(stages))
 
-    def _make_registry(self):
-        """The registry actor: owned by this replica (it dies with it, and the next ingress makes a
+    @staticmethod
+    def _on_this_node(cls, name: str):
+        """A named actor class owned by this replica (it dies with it, and the next ingress makes a
         new one) and on this replica's node, so that no other node's loss takes it away."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        return ray.remote(Registry).options(name=registry_name(self.app_name), num_cpus=0, get_if_exists=True,
-                                            scheduling_strategy=here).remote(self.pipeline.secret,
-                                                                             self.pipeline.reply_address)
+        return ray.remote(cls).options(name=name, num_cpus=0, get_if_exists=True, scheduling_strategy=here)
+
+    def _make_registry(self):
+        return self._on_this_node(Registry, registry_name(self.app_name)).remote(self.pipeline.secret,
+                                                                                self.pipeline.reply_address)
 
     async def refresh(self) -> None:
         """Tells the engine which stage replicas serve now (those loaded and not seen to die)."""

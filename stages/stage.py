@@ -27,8 +27,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from stages.architecture import Architecture, describe
 from stages.kv_cache import KVCache, StepRows
-from stages.loading import (checkpoint_layout, convert, iter_converted_slices, iter_tensors, load_tensors,
-                            read_rows, weight_map)
+from stages.loading import (Conversion, checkpoint_layout, convert, iter_converted_slices, iter_tensors,
+                            load_tensors, read_rows, weight_map)
 from stages.packed import PackedLinear, can_pack
 from stages.quantize import normalize_quantization
 
@@ -89,14 +89,9 @@ class Stage(nn.Module):
         # loaded (packing holds a block of its rows twice for a moment, and oneDNN adds its own).
         self.packs_linears = can_pack(self.device, self.dtype) and not self.quantization
 
-        # Buffers stay real (include_buffers=False): rotary frequencies and the like are computed
-        # in __init__ and are not in checkpoints.
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa",
-                                                     dtype=self.dtype)
-        model.eval()
+        model = meta_model(self.config, self.dtype)
         self.arch: Architecture = describe(model)
-        owned = self._owned_modules(model)
+        owned = owned_modules(model, self.arch, start, end)
         self._load(model_dir, model, owned)
 
         blocks = _module(model, self.arch.layers)
@@ -117,38 +112,15 @@ class Stage(nn.Module):
         logger.info("stage [%d, %d) of %s loaded: %.1f MiB of weights in %.1f s", start, end, model_dir,
                     self.weight_bytes() / 2**20, time.monotonic() - began)
 
-    def _owned_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        arch = self.arch
-        names = [f"{arch.layers}.{i}" for i in range(self.start, self.end)]
-        if self.is_first:
-            names += [arch.embed] + ([arch.position_embed] if arch.position_embed else [])
-        if self.is_last:
-            names += ([arch.final_norm] if arch.final_norm else []) + [arch.head]
-        return {name: _module(model, name) for name in names}
-
     def _load(self, model_dir: str, model: nn.Module, owned: dict[str, nn.Module]) -> None:
         files = weight_map(model_dir)
-        layout = checkpoint_layout(model, files)
+        wanted, conversions = read_plan(model_dir, model, self.arch, owned, files)
         quantizer = None
         if self.quantization:
             from stages.quantize import Quantizer  # bitsandbytes only when asked for
 
             blocks = [name for name in owned if name.startswith(f"{self.arch.layers}.")]
             quantizer = Quantizer(model, blocks, self.quantization, self.dtype, self.device)
-        wanted: dict[str, str] = {}
-        conversions = {}
-        for prefix, module in owned.items():
-            for local, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-                name = f"{prefix}.{local}"
-                if name in layout.names:
-                    wanted[name] = layout.names[name]
-                elif name in layout.conversions:  # one conversion may fill several tensors
-                    conversions[layout.conversions[name].target] = layout.conversions[name]
-                elif prefix == self.arch.head and self.arch.tied:
-                    if not self.is_first:  # stage 0 re-ties its head to the embedding it loads
-                        wanted[name] = layout.names[f"{self.arch.embed}.{local}"]  # tied: stored once
-                elif tensor.device.type == "meta":
-                    raise ValueError(f"{model_dir}: tensor {name} is missing from the checkpoint")
         # Large matrices to pack are read a block of rows at a time, each packed and dropped.
         by_rows = {name: wanted.pop(name) for name in list(wanted) if self._pack_by_rows(model, name)}
         # One tensor at a time: each is cast, quantized or packed and its checkpoint copy dropped.
@@ -276,6 +248,70 @@ class Stage(nn.Module):
             zero = torch.zeros((), dtype=self.dtype, device=self.device)
             masks[window] = torch.where(visible, zero, neg)[:, None]
         return masks
+
+
+def meta_model(config, dtype: torch.dtype) -> nn.Module:
+    """The whole model's module tree on the meta device (no memory), in eval mode.
+
+    Buffers stay real (include_buffers=False): rotary frequencies and the like are computed in
+    __init__ and are not in checkpoints.
+    """
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
+
+
+def owned_modules(model: nn.Module, arch: Architecture, start: int, end: int) -> dict[str, nn.Module]:
+    """The modules a stage of blocks `[start, end)` holds: its blocks, plus the embeddings on the
+    first stage and the final norm and head on the last."""
+    names = [f"{arch.layers}.{i}" for i in range(start, end)]
+    if start == 0:
+        names += [arch.embed] + ([arch.position_embed] if arch.position_embed else [])
+    if end == model.config.num_hidden_layers:
+        names += ([arch.final_norm] if arch.final_norm else []) + [arch.head]
+    return {name: _module(model, name) for name in names}
+
+
+def read_plan(model_dir: str, model: nn.Module, arch: Architecture, owned: dict[str, nn.Module],
+              files: dict[str, str]) -> tuple[dict[str, str], dict[str, Conversion]]:
+    """What a stage reads from the checkpoint for its `owned` modules.
+
+    Returns:
+        (model tensor name -> stored name for the tensors stored as they are, target -> `Conversion`
+        for those built from several stored tensors).
+
+    Raises:
+        ValueError: a tensor of the stage is missing from the checkpoint.
+    """
+    layout = checkpoint_layout(model, files)
+    is_first = arch.embed in owned
+    wanted: dict[str, str] = {}
+    conversions: dict[str, Conversion] = {}
+    for prefix, module in owned.items():
+        for local, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            name = f"{prefix}.{local}"
+            if name in layout.names:
+                wanted[name] = layout.names[name]
+            elif name in layout.conversions:  # one conversion may fill several tensors
+                conversions[layout.conversions[name].target] = layout.conversions[name]
+            elif prefix == arch.head and arch.tied:
+                if not is_first:  # stage 0 re-ties its head to the embedding it loads
+                    wanted[name] = layout.names[f"{arch.embed}.{local}"]  # tied: stored once
+            elif tensor.device.type == "meta":
+                raise ValueError(f"{model_dir}: tensor {name} is missing from the checkpoint")
+    return wanted, conversions
+
+
+def stored_tensors(model_dir: str, start: int, end: int) -> set[str]:
+    """The checkpoint's tensors (stored names) that a stage of blocks `[start, end)` reads: what a
+    node without the checkpoint must fetch for it. Reads only config.json and the safetensors
+    headers (or the index)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    model = meta_model(config, torch.float32)
+    arch = describe(model)
+    wanted, conversions = read_plan(model_dir, model, arch, owned_modules(model, arch, start, end),
+                                    weight_map(model_dir))
+    return set(wanted.values()) | {key for conversion in conversions.values() for key in conversion.keys}
 
 
 def kv_shape(config) -> tuple[int, int]:

@@ -72,11 +72,14 @@ class Hosts:
 
     Args:
         env: extra environment for every host's Ray processes (and so its replicas).
+        private: more directories each host gets its own empty tmpfs over (e.g. where a
+            checkpoint is put on one host only, see `copy_into`; an installed package to hide).
     """
 
-    def __init__(self, env: dict | None = None):
+    def __init__(self, env: dict | None = None, private: tuple[str, ...] = ()):
         self.hosts: dict[str, Host] = {}
         self.env = env or {}
+        self.private = private
         self.dir = tempfile.mkdtemp(prefix="stagewise-hosts-")
 
     def __enter__(self) -> "Hosts":
@@ -130,10 +133,11 @@ class Hosts:
         ray += ([f"--port={GCS_PORT}", "--head", "--include-dashboard=true", "--dashboard-host=0.0.0.0"]
                 if host.head else [f"--address={self.address}"])
         # Private /tmp/ray, ~/.ray and ~/.cache; the cluster's token copied into the new ~/.ray.
-        script = (f"mount -t tmpfs tmpfs /tmp/ray && mount -t tmpfs tmpfs {home}/.ray && "
+        mounts = "".join(f"mount -t tmpfs tmpfs {path} && " for path in self.private)
+        script = (f"{mounts}mount -t tmpfs tmpfs /tmp/ray && mount -t tmpfs tmpfs {home}/.ray && "
                   f"mount -t tmpfs tmpfs {home}/.cache && cp {self.dir}/auth_token {home}/.ray/auth_token && "
                   f"cd {REPO} && exec {' '.join(ray)}")
-        for path in ("/tmp/ray", f"{home}/.ray", f"{home}/.cache"):
+        for path in ("/tmp/ray", f"{home}/.ray", f"{home}/.cache", *self.private):
             os.makedirs(path, exist_ok=True)
         env = dict(os.environ, RAY_AUTH_MODE="token", PYTHONPATH=REPO, HF_HUB_OFFLINE="1", **self.env)
         log = open(os.path.join(self.dir, f"{name}.log"), "a")
@@ -182,6 +186,11 @@ class Hosts:
         """Starts `command` inside the head, as a driver, in a process group of its own."""
         return subprocess.Popen(self.driver_command(command), env=self.driver_env(), cwd=REPO,
                                 start_new_session=True, **kwargs)
+
+    def copy_into(self, name: str, source: str, target: str) -> None:
+        """Copies `source` (seen by every host) to `target` in host `name`'s private filesystem."""
+        subprocess.run(["nsenter", "-t", str(self.hosts[name].proc.pid), "-m", "cp", "-r", source, target],
+                       check=True, capture_output=True)
 
     def pids(self, name: str) -> list[int]:
         return [int(pid) for pid in _run("ip", "netns", "pids", self.hosts[name].netns).stdout.split()]

@@ -1,0 +1,79 @@
+"""Weights travel (issue 16): the checkpoint on host a only; the stage on host b fetches just its
+own tensors through Ray, keeps them in its cache, and a second start fetches nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from app.weights import tensor_range
+from stages.loading import weight_map
+from stages.stage import stored_tensors
+from tests import hosts as hosts_module
+from tests.reference import greedy_text
+from tests.test_hosts import FAST_NODE_DEATH, MIB, Served, llama_125m, prompts_of, require_hosts  # noqa: F401
+
+MODELS = "/srv/stagewise-models"  # private to each host
+
+
+def tensor_bytes(model_dir: str, start: int, end: int) -> int:
+    """Bytes of the checkpoint tensors a stage of blocks [start, end) reads."""
+    files, total = weight_map(model_dir), 0
+    for tensor in stored_tensors(model_dir, start, end):
+        with open(os.path.join(model_dir, files[tensor]), "rb") as f:
+            head = f.read(8)
+            header = head + f.read(int.from_bytes(head, "little"))
+        total += tensor_range(header, tensor)[1]
+    return total
+
+
+def stage_infos(hosts: hosts_module.Hosts, num_stages: int) -> list[dict]:
+    code = ("import json, ray; from ray import serve; ray.init(address='auto', namespace='serve', "
+            "logging_level='ERROR'); print(json.dumps([serve.get_deployment_handle(f'Stage{i}', "
+            f"app_name='stagewise').info.remote().result() for i in range({num_stages})]))")
+    out = hosts.exec([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_stage_on_a_host_without_the_checkpoint_fetches_only_its_tensors(llama_125m):  # noqa: F811
+    require_hosts()
+    hosts = hosts_module.Hosts(env=FAST_NODE_DEATH, private=(MODELS,)).__enter__()
+    try:
+        hosts.add("a", memory_bytes=330 * MIB, num_cpus=2, head=True)
+        hosts.add("b", memory_bytes=330 * MIB, num_cpus=2)
+        hosts.copy_into("a", llama_125m, MODELS)
+        model_dir = os.path.join(MODELS, os.path.basename(llama_125m))
+        args = {"model": model_dir, "num_stages": "auto", "max_model_len": 256, "max_batch_size": 4,
+                "plan_kv_tokens": 1024, "stage_autoscaling": None}
+        prompt = prompts_of(llama_125m, 1)[0]
+        expected = greedy_text(llama_125m, prompt, 24)
+        runs = []
+        for _ in range(2):  # the second start finds the tensors in host b's cache
+            with Served(hosts, args) as served:
+                health = served.get("/health")
+                body = served.post({"model": served.model, "prompt": prompt, "max_tokens": 24, "min_tokens": 24,
+                                    "temperature": 0})
+                assert body["choices"][0]["text"] == expected
+                infos = stage_infos(hosts, len(health["stages"]))
+            runs.append((health, infos, open(served.log_path).read()))
+        (health, infos, log), (_, again, log_again) = runs
+        on_b = [i for i, stage in enumerate(health["stages"]) if stage["node"] == "b"]
+        assert on_b and [s["node"] for s in health["stages"]].count("a") >= 1
+        for index in on_b:
+            info, needed = infos[index], tensor_bytes(llama_125m, infos[index]["start"], infos[index]["end"])
+            assert abs(info["fetched_bytes"] - needed) <= 0.05 * needed, (info["fetched_bytes"], needed)
+            # bounded memory: the stage holds its weights, not the checkpoint's files as well
+            assert info["peak_rss_bytes"] < info["weight_bytes"] + 700 * MIB, info
+            assert again[index]["fetched_bytes"] == 0
+            others = [(i["peak_rss_bytes"] / MIB, i["weight_bytes"] / MIB) for i in infos if i is not info]
+            print(f"\nStage{index} on host b: fetched {info['fetched_bytes'] / MIB:.1f} MiB, its tensors are "
+                  f"{needed / MIB:.1f} MiB; peak RSS {info['peak_rss_bytes'] / MIB:.0f} MiB for "
+                  f"{info['weight_bytes'] / MIB:.0f} MiB of weights (the stage on host a, which read its "
+                  f"files: {', '.join(f'{p:.0f} MiB for {w:.0f} MiB' for p, w in others)}); second start fetched 0")
+        assert "from the checkpoint's node" in log and "had " in log_again
+        for index, info in enumerate(infos):
+            if index not in on_b:
+                assert info["fetched_bytes"] == 0  # host a has the files
+    finally:
+        hosts.__exit__(None, None, None)
