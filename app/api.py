@@ -20,7 +20,8 @@ from app.protocol import CompletionRequest, ModelCard, ModelList
 logger = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, api_keys=()) -> FastAPI:
+def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, api_keys=(),
+               problems=None) -> FastAPI:
     """Builds the app: `GET /v1/models`, `POST /v1/completions`, `GET /health`.
 
     Args:
@@ -30,6 +31,7 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
             response, errors included (e.g. `app.metrics.IngressMetrics`; None: not counted).
         announced: returns what the stage replicas announced, loading or failed ones included
             (see `app.health`); None: the engine's replicas, every one ready.
+        problems: returns {stage name: why it cannot come back} (see `app.rehome`).
         api_keys: keys a client must send as `Authorization: Bearer <key>` on every route but
             `/health` and `GET /` (none: no authentication).
 
@@ -48,7 +50,7 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
             {"id": r.id, "stage": r.stage, "state": "ready", "draining": r.draining, "node": r.address.rpartition(":")[0]}
             for r in engine.replicas.values()]
         held = {r["id"]: r["sequences"] for r in engine.replica_load()}
-        return stage_report(engine.num_stages, entries, held)
+        return stage_report(engine.num_stages, entries, held, problems() if problems is not None else None)
 
     @app.get("/health")
     async def health() -> JSONResponse:

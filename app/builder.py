@@ -36,6 +36,8 @@ class BuilderArgs(BaseModel):
     max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
     step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
     max_step_failures: int = Field(3, ge=1, description="failed steps in a row before a sequence fails")
+    node_grace_period_s: float = Field(30.0, ge=0, description="a planned stage's node may be gone this long "
+                                                               "before the stage moves to another node")
     max_header_bytes: int = Field(1 << 20, ge=4096, description="data plane: largest message header")
     max_payload_bytes: int = Field(1 << 30, ge=1 << 20, description="data plane: largest message payload "
                                                                   "(a prefill's activations, a step's logits)")
@@ -84,20 +86,20 @@ def resolve_model(args: BuilderArgs) -> tuple[str, str]:
     return model_dir, args.served_model_name or os.path.basename(model_dir.rstrip("/"))
 
 
-def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict]]:
+def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict, object]]:
     """Block ranges of the stages, each with the `ray_actor_options` that place it.
 
     A fixed `num_stages` splits the blocks evenly by bytes and leaves placement to Ray. With
     `num_stages: auto` (or a `cluster` file) the planner picks the ranges and a device for each,
     from the live Ray cluster (or the file, checked against the live cluster), and every stage
-    is pinned to its node.
+    is pinned to its node; the fourth item is then its `placement.StageSpec` (else None).
     """
     import placement
 
     quantization = None if args.quantization == "none" else args.quantization
     spec = placement.ModelSpec.from_model_dir(model_dir, dtype=args.dtype, quantization=quantization)
     if args.num_stages != "auto" and args.cluster is None:
-        return [(start, end, {}) for start, end in placement.split_even(spec, args.num_stages)]
+        return [(start, end, {}, None) for start, end in placement.split_even(spec, args.num_stages)]
 
     import ray
 
@@ -120,7 +122,7 @@ def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict]
     for stage in plan.stages:
         logger.info("stagewise: blocks [%d, %d) on %s (%.2f GiB of weights)", stage.start, stage.end,
                     stage.device, stage.weight_bytes / 2**30)
-    return [(stage.start, stage.end, stage_options(stage, pins)) for stage in plan.stages]
+    return [(stage.start, stage.end, stage_options(stage, pins), stage) for stage in plan.stages]
 
 
 def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
@@ -172,14 +174,14 @@ def build_app(args: BuilderArgs):
     config = engine_config(model_dir, args)
     num_gpus = args.stage_num_gpus if args.stage_num_gpus is not None else _default_gpus_per_stage(len(planned))
     threads = args.stage_num_threads or os.cpu_count() or 1
-    logger.info("stagewise: %s in %d stages %s", served_name, len(planned), [(s, e) for s, e, _ in planned])
+    logger.info("stagewise: %s in %d stages %s", served_name, len(planned), [(s, e) for s, e, _, _ in planned])
     quantizations = args.stage_quantization or [args.quantization] * len(planned)
     if len(quantizations) != len(planned):
         raise ValueError(f"stage_quantization has {len(quantizations)} entries for {len(planned)} stages")
     limits = wire_limits(args, config)
     stages = []
-    for index, (start, end, placed) in enumerate(planned):
-        options = {"num_cpus": args.stage_num_cpus, "num_gpus": num_gpus, **placed,
+    for index, (start, end, pin, _) in enumerate(planned):
+        options = {"num_cpus": args.stage_num_cpus, "num_gpus": num_gpus, **pin,
                    "runtime_env": {"env_vars": stage_env(threads, quantizations[index])}}
         scaling = ({"autoscaling_config": args.stage_autoscaling} if args.stage_autoscaling is not None
                    else {"num_replicas": 1})
@@ -203,7 +205,12 @@ def build_app(args: BuilderArgs):
                                max_ongoing_requests=args.max_batch_size + args.max_queued_requests + 64)
     keys = api_keys(args)
     logger.info("stagewise: %s", f"{len(keys)} API key(s) required" if keys else "no API key required")
-    return ingress.bind(stages, model_dir, served_name, config, api_keys=keys, limits=limits)
+    from app.rehome import Placed
+
+    placed = [Placed(f"Stage{i}", s.start, s.end, s.node, s.weight_bytes + s.kv_bytes)
+              for i, (_, _, _, s) in enumerate(planned) if s is not None] or None
+    return ingress.bind(stages, model_dir, served_name, config, api_keys=keys, limits=limits, placed=placed,
+                        node_grace_period_s=args.node_grace_period_s, reserve_fraction=args.plan_reserve_fraction)
 
 
 def stage_env(threads: int, quantization: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from app.metrics import IngressMetrics, StageMetrics
 from app.pipeline import PipelineClient
 from app import wire
 from app.registry import Announcer, Registry, registry_name
+from app.rehome import Placed, Rehomer
 from app.stage_server import StageServer
 from app.weights import WeightServer, local_checkpoint, weights_name
 from stages import Stage
@@ -223,11 +224,16 @@ class Ingress:
         recover_timeout_s: how long to wait for a replaced stage before failing its sequences.
         api_keys: keys clients must send (none: no authentication); see `app.api.RequireApiKey`.
         limits: what a data-plane message may be (`app.wire.Limits`).
+        placed: the planned stages (`app.rehome.Placed`), to move when their node is gone for good;
+            None: the stages are not pinned (Ray re-places them itself).
+        node_grace_period_s: how long a planned stage's node may be gone before the stage moves.
+        reserve_fraction: the share of a node's memory the planner keeps free.
     """
 
     async def __init__(self, stages: list, model_dir: str, served_name: str, engine_config: EngineConfig,
                        recover_timeout_s: float = 120.0, api_keys: tuple[str, ...] = (),
-                       limits: wire.Limits = wire.Limits()):
+                       limits: wire.Limits = wire.Limits(), placed: list[Placed] | None = None,
+                       node_grace_period_s: float = 30.0, reserve_fraction: float = 0.05):
         from ray import serve
         from transformers import AutoConfig, AutoTokenizer
 
@@ -251,6 +257,8 @@ class Ingress:
                              on_drained=lambda replica: self.pipeline.release(replica.address),
                              metrics=self.metrics)
         self.announced: list[dict] = []  # what the stage replicas said last, loading or failed ones too
+        self.rehomer = (Rehomer(self.app_name, placed, node_grace_period_s, reserve_fraction)
+                        if placed else None)
         # Ready at once, without waiting for the stages: /health and the 503s say what they do.
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
         logger.info("Ingress: %s through %d stages; waiting for them to load", served_name, len(stages))
@@ -288,7 +296,9 @@ class Ingress:
             try:
                 await self.refresh()
                 await asyncio.to_thread(self._tell_demand, self.engine.replica_load())
-                report = stage_report(self.num_stages, self.announced)
+                report = stage_report(self.num_stages, self.announced, problems=self.problems())
+                if self.rehomer is not None:
+                    await asyncio.to_thread(self.rehomer.check, report)
                 now = [(s["name"], s["state"], s["node"], s["error"]) for s in report]
                 if now != known:
                     logger.info("Ingress: stages %s", "; ".join(
@@ -329,7 +339,7 @@ class Ingress:
                 await self.refresh()
                 if self.engine.available():
                     return
-                problem = (unavailable_reason(stage_report(self.num_stages, self.announced))
+                problem = (unavailable_reason(stage_report(self.num_stages, self.announced, problems=self.problems()))
                            or "a stage has no replica that takes sequences")
             except Exception as exc:  # noqa: BLE001 - a registry read can time out under load
                 problem = repr(exc)
@@ -340,6 +350,12 @@ class Ingress:
                 said = problem
             await asyncio.sleep(0.5)
 
+    def problems(self) -> dict[str, str]:
+        """Stages that cannot come back, and why (their node is gone for good and none other has room)."""
+        if self.rehomer is None:
+            return {}
+        return {name: problem for name in self.rehomer.stages if (problem := self.rehomer.problem(name))}
+
     def check_health(self) -> None:
         """Serve's health check: fails only when the engine loop keeps failing. Never because a stage
         is missing: this replica holds the token history that replaying a stage needs."""
@@ -348,4 +364,5 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return create_app(self.engine, self.model, metrics=self.metrics, announced=lambda: self.announced,
+                          problems=self.problems,
                           api_keys=self.api_keys)

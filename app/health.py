@@ -25,13 +25,16 @@ def replica_state(announced: dict) -> str:
     return "draining" if state == "ready" and announced.get("draining") else state
 
 
-def stage_report(num_stages: int, announced: list[dict], sequences: dict[str, int] | None = None) -> list[dict]:
+def stage_report(num_stages: int, announced: list[dict], sequences: dict[str, int] | None = None,
+                 problems: dict[str, str] | None = None) -> list[dict]:
     """One entry per stage, in pipeline order (see the module docstring).
 
     Args:
         num_stages: stages in the pipeline.
         announced: the registry's entries: {"id", "stage", "state", "draining", "node", "error", ...}.
         sequences: replica id -> sequences it holds (the engine's count).
+        problems: stage name -> why a missing stage cannot come back (its node gone for good, no
+            other node with room; see `app.rehome`).
 
     Returns:
         The stages' entries.
@@ -46,6 +49,8 @@ def stage_report(num_stages: int, announced: list[dict], sequences: dict[str, in
         # The best state of any replica is the stage's: one ready replica serves it.
         state = next((s for s in ("ready", "draining", "starting", "failed") if s in states), "missing")
         errors = [r["error"] for r in replicas if r["state"] == "failed" and r["error"]]
+        if state == "missing" and (problems or {}).get(f"Stage{index}"):
+            errors = [problems[f"Stage{index}"]]
         nodes = sorted({r["node"] for r in replicas if r["node"]})
         report.append({"name": f"Stage{index}", "state": state, "replicas": replicas,
                        "node": ", ".join(nodes) or None, "error": errors[0] if errors else None})
@@ -62,6 +67,8 @@ def unavailable_reason(report: list[dict]) -> str | None:
             return f"{name} failed to load: {stage['error']} (it retries; see /health)"
         if state == "starting":
             return f"{name} is starting: loading its blocks on {stage['node']}"
+        if stage["error"]:
+            return f"{name} has no replica: {stage['error']}"
         return f"{name} has no replica: Serve is starting or replacing it"
     return None
 

@@ -89,6 +89,16 @@ class Served:
         except OSError:
             return 0, None
 
+    def health_post(self, body: dict, timeout: float = 60) -> tuple[int, dict]:
+        """(status, body) of a completion, errors included."""
+        request = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
     def post(self, body: dict, timeout: float = 300) -> dict:
         request = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})

@@ -27,3 +27,12 @@ def test_a_restarted_node_keeps_its_pin_and_a_shared_name_falls_back_to_ids():
     assert before["host-b"][1] == after["host-b"][1]  # the replacement replica finds the node again
     twins = live_nodes([node("id-1", {NAME_LABEL: "twin"}), node("id-2", {NAME_LABEL: "twin"})])
     assert sorted(pin["label_selector"][NODE_ID_LABEL] for _, pin in twins.values()) == ["id-1", "id-2"]
+
+
+def test_a_stage_moves_to_the_live_node_with_the_most_room_that_holds_it():
+    from app.rehome import Placed, choose_node
+
+    stage = Placed("Stage1", 6, 12, "b", need_bytes=300)
+    assert choose_node(stage, {"a": 1000, "b": 5000, "c": 600}, {"a": 800, "b": 300}) == "c"  # never b itself
+    assert choose_node(stage, {"a": 1000, "c": 2000}, {"a": 0, "c": 1800}) == "a"
+    assert choose_node(stage, {"a": 1000}, {"a": 900}) is None

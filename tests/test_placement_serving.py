@@ -65,14 +65,14 @@ def test_auto_places_stages_on_the_planned_nodes(cluster, model_dir, tmp_path):
     # Pinned by name (here each node's own custom resource), which a restarted node keeps.
     node_of = {name: node["NodeID"] for node in ray.nodes() if node["Alive"]
                for name in ("node_a", "node_b", "node_c") if name in node["Resources"]}
-    for index, (start, end, options) in enumerate(planned):
+    for index, (start, end, options, _) in enumerate(planned):
         info = serve.get_deployment_handle(f"Stage{index}", app_name="stagewise").info.remote().result()
         assert (info["start"], info["end"]) == (start, end)
         (name,) = options["resources"]
         actors = list_actors(filters=[("class_name", "=", f"ServeReplica:stagewise:Stage{index}"),
                                       ("state", "=", "ALIVE")])
         assert [a.node_id for a in actors] == [node_of[name]]
-    assert len({name for _, _, o in planned for name in o["resources"]}) == len(planned)
+    assert len({name for _, _, o, _ in planned for name in o["resources"]}) == len(planned)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer("the quick brown fox").input_ids

