@@ -185,6 +185,7 @@ def two_small_hosts(env: dict | None = None) -> hosts_module.Hosts:
     return hosts
 
 
+@pytest.mark.slow  # 90 s; the default suite keeps its 20 minutes
 def test_auto_splits_a_model_no_host_holds_and_survives_a_host_restart(llama_125m):
     """num_stages auto over two hosts, greedy as transformers; then host b is SIGKILLed mid-generation
     and back 5 s later: the streams finish as an undisturbed run of them does, token for token."""

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from app.weights import tensor_range
 from stages.loading import weight_map
 from stages.stage import stored_tensors
@@ -109,6 +111,7 @@ def test_the_default_model_installed_on_the_head_only_serves_across_two_hosts(tm
         hosts.__exit__(None, None, None)
 
 
+@pytest.mark.slow  # 2 minutes; the default suite keeps its 20 minutes
 def test_a_host_gone_for_good_moves_its_stage_to_a_spare_or_says_what_is_missing(llama_125m):  # noqa: F811
     require_hosts()
     from tests.test_hosts import Streams, wait_until
