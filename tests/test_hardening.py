@@ -192,3 +192,16 @@ def test_a_tiny_temperature_samples_greedily_and_non_finite_logits_raise():
     assert sample_one(logits, SamplingParams(temperature=1e-40), [], [], torch.Generator()).token == 1
     with pytest.raises(ValueError, match="not finite"):
         sample_one(torch.tensor([0.1, float("inf"), 0.3]), SamplingParams(temperature=0), [], [], None)
+
+
+def test_an_engine_that_keeps_failing_reports_itself_dead(checkpoint, monkeypatch):
+    """The ingress's Serve health check fails only then (a missing stage never makes it fail)."""
+    model_dir = checkpoint("llama")
+    with local_app(model_dir, TWO) as (client, engine, _):
+        monkeypatch.setattr(engine, "_admit", lambda: (_ for _ in ()).throw(RuntimeError("broken for good")))
+        for _ in range(6):
+            assert client.post("/v1/completions", json={"model": "model", "prompt": "the",
+                                                         "max_tokens": 2}).status_code == 500
+        assert engine.restarts == 6 and not engine.alive
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["engine"]["alive"] is False
