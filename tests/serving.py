@@ -133,10 +133,14 @@ class ServeRun:
         return [sum(r["state"] == "ready" for r in stage["replicas"]) for stage in self.get("/health")["stages"]]
 
     def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                return r.status, json.load(r)
-        except urllib.error.HTTPError as e:
-            return e.code, json.load(e)
+        return post_json(self.url + path, body, timeout)
+
+
+def post_json(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    """(status, JSON body) of a POST, errors included."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)

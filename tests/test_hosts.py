@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from tests import hosts as hosts_module
 from tests.checkpoints import build_llama_125m, corpus
 from tests.reference import greedy_text
+from tests.serving import post_json
 
 MIB = 2**20
 PORT = 8000
@@ -91,13 +92,7 @@ class Served:
 
     def health_post(self, body: dict, timeout: float = 60) -> tuple[int, dict]:
         """(status, body) of a completion, errors included."""
-        request = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                return r.status, json.load(r)
-        except urllib.error.HTTPError as e:
-            return e.code, json.load(e)
+        return post_json(self.url + "/v1/completions", body, timeout)
 
     def post(self, body: dict, timeout: float = 300) -> dict:
         request = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),

@@ -30,6 +30,19 @@ def tensor_bytes(model_dir: str, start: int, end: int) -> int:
     return total
 
 
+def model_on_host_a(checkpoint_dir: str) -> tuple[hosts_module.Hosts, str]:
+    """Hosts a (head) and b, each too small for the 125M model alone, the checkpoint on a only."""
+    hosts = hosts_module.Hosts(env=FAST_NODE_DEATH, private=(MODELS,)).__enter__()
+    try:
+        hosts.add("a", memory_bytes=330 * MIB, num_cpus=2, head=True)
+        hosts.add("b", memory_bytes=330 * MIB, num_cpus=2)
+        hosts.copy_into("a", checkpoint_dir, MODELS)
+    except BaseException:
+        hosts.__exit__(None, None, None)
+        raise
+    return hosts, os.path.join(MODELS, os.path.basename(checkpoint_dir))
+
+
 def stage_infos(hosts: hosts_module.Hosts, num_stages: int) -> list[dict]:
     code = ("import json, ray; from ray import serve; ray.init(address='auto', namespace='serve', "
             "logging_level='ERROR'); print(json.dumps([serve.get_deployment_handle(f'Stage{i}', "
@@ -40,12 +53,8 @@ def stage_infos(hosts: hosts_module.Hosts, num_stages: int) -> list[dict]:
 
 def test_a_stage_on_a_host_without_the_checkpoint_fetches_only_its_tensors(llama_125m):  # noqa: F811
     require_hosts()
-    hosts = hosts_module.Hosts(env=FAST_NODE_DEATH, private=(MODELS,)).__enter__()
+    hosts, model_dir = model_on_host_a(llama_125m)
     try:
-        hosts.add("a", memory_bytes=330 * MIB, num_cpus=2, head=True)
-        hosts.add("b", memory_bytes=330 * MIB, num_cpus=2)
-        hosts.copy_into("a", llama_125m, MODELS)
-        model_dir = os.path.join(MODELS, os.path.basename(llama_125m))
         args = {"model": model_dir, "num_stages": "auto", "max_model_len": 256, "max_batch_size": 4,
                 "plan_kv_tokens": 1024, "stage_autoscaling": None}
         prompt = prompts_of(llama_125m, 1)[0]
@@ -116,12 +125,9 @@ def test_a_host_gone_for_good_moves_its_stage_to_a_spare_or_says_what_is_missing
     require_hosts()
     from tests.test_hosts import Streams, wait_until
 
-    hosts = hosts_module.Hosts(env=FAST_NODE_DEATH, private=(MODELS,)).__enter__()
+    hosts, model_dir = model_on_host_a(llama_125m)
     try:
-        hosts.add("a", memory_bytes=330 * MIB, num_cpus=2, head=True)
-        hosts.add("b", memory_bytes=330 * MIB, num_cpus=2)
-        hosts.copy_into("a", llama_125m, MODELS)
-        args = {"model": os.path.join(MODELS, os.path.basename(llama_125m)), "num_stages": "auto",
+        args = {"model": model_dir, "num_stages": "auto",
                 "max_model_len": 512, "max_batch_size": 8, "plan_kv_tokens": 2048, "stage_autoscaling": None,
                 "node_grace_period_s": 10}
         prompts = prompts_of(llama_125m, 4)
