@@ -58,19 +58,27 @@ def stage_report(num_stages: int, announced: list[dict], sequences: dict[str, in
 
 
 def unavailable_reason(report: list[dict]) -> str | None:
-    """Why requests cannot be served now (naming the first stage that cannot), or None."""
-    for stage in report:
-        name, state = stage["name"], stage["state"]
-        if state in SERVING_STATES:
-            continue
-        if state == "failed":
-            return f"{name} failed to load: {stage['error']} (it retries; see /health)"
-        if state == "starting":
-            return f"{name} is starting: loading its blocks on {stage['node']}"
-        if stage["error"]:
-            return f"{name} has no replica: {stage['error']}"
-        return f"{name} has no replica: Serve is starting or replacing it"
-    return None
+    """Why requests cannot be served now, or None: the stage with the most telling reason (a known
+    cause before a load in progress before a replica not there yet), first in pipeline order."""
+    def rank(stage: dict) -> int:
+        if stage["state"] == "failed":
+            return 0
+        if stage["state"] == "missing" and stage["error"]:
+            return 1
+        return 2 if stage["state"] == "starting" else 3
+
+    down = sorted((stage for stage in report if stage["state"] not in SERVING_STATES), key=rank)
+    if not down:
+        return None
+    stage = down[0]
+    name, state = stage["name"], stage["state"]
+    if state == "failed":
+        return f"{name} failed to load: {stage['error']} (it retries; see /health)"
+    if state == "starting":
+        return f"{name} is starting: loading its blocks on {stage['node']}"
+    if stage["error"]:
+        return f"{name} has no replica: {stage['error']}"
+    return f"{name} has no replica: Serve is starting or replacing it"
 
 
 def health_body(report: list[dict], engine_alive: bool, engine_restarts: int) -> tuple[int, dict]:
