@@ -17,6 +17,10 @@ def test_each_stage_replica_holds_only_its_share():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(result["stages"]) == 4
     assert result["max_stage_share"] <= 0.5, result
-    assert result["total_share"] <= 1.3, result
+    # Each stage carries ~50-70 MiB beyond its weights (first KV cache allocation, a prefill's
+    # activations, packing for oneDNN): 4 stages measured 1.26-1.32x the model in 5 runs on
+    # 2026-11-29 (transformers 5.24), where 1.3 had been the bound. A stage holding the whole model
+    # would put the total past 2.
+    assert result["total_share"] <= 1.4, result
     # each stage's weights are about a quarter of the model, not the model
     assert all(s["weight_bytes"] < 0.35 * result["model_bytes"] for s in result["stages"])
