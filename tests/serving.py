@@ -49,6 +49,15 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None,
     raise TimeoutError(f"{url} not healthy in {timeout:.0f} s: {body}")
 
 
+def wait_for(predicate, timeout: float, period: float = 1.0) -> float:
+    """Waits until `predicate()` is true (failing the test after `timeout` s); returns the seconds it took."""
+    began = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - began < timeout, "timed out"
+        time.sleep(period)
+    return time.monotonic() - began
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

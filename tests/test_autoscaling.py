@@ -14,19 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.serving import ServeRun
+from tests.serving import ServeRun, wait_for
 from tests.test_serve import stream_text
 
 HEAVY_CLIENTS, LIGHT_CLIENTS = 24, 4  # 24 > 16 slots: requests wait, so the stages scale up
 HEAVY_TOKENS, LIGHT_TOKENS = 32, 96
-
-
-def wait_for(predicate, timeout: float, period: float = 1.0) -> float:
-    began = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - began < timeout, "timed out"
-        time.sleep(period)
-    return time.monotonic() - began
 
 
 class Clients:

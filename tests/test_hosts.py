@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from tests import hosts as hosts_module
 from tests.checkpoints import build_llama_125m, corpus
 from tests.reference import greedy_text
-from tests.serving import post_json
+from tests.serving import post_json, wait_for
 
 MIB = 2**20
 PORT = 8000
@@ -160,14 +160,6 @@ def differences(texts: list[str], expected: list[str]) -> list[str]:
     return out
 
 
-def wait_until(predicate, timeout: float, every: float = 0.2) -> float:
-    began = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - began < timeout, "timed out"
-        time.sleep(every)
-    return time.monotonic() - began
-
-
 def two_small_hosts(env: dict | None = None) -> hosts_module.Hosts:
     """Host a (head) and host b, each declared with 330 MiB: the 125M model (476 MiB) fits neither."""
     hosts = hosts_module.Hosts(env={**FAST_NODE_DEATH, **(env or {})}).__enter__()
@@ -206,14 +198,14 @@ def test_auto_splits_a_model_no_host_holds_and_survives_a_host_restart(llama_125
             assert not undisturbed.errors, undisturbed.errors
 
             streams = Streams(served, prompts, 160)
-            wait_until(lambda: streams.tokens_so_far() >= 4 * 20, timeout=120)
+            wait_for(lambda: streams.tokens_so_far() >= 4 * 20, timeout=120, period=0.2)
             hosts.kill("b")
             killed = time.monotonic()
             time.sleep(5)
             hosts.start("b")
             back = time.monotonic()
             streams.join()
-            served_again = wait_until(lambda: served.health(timeout=5)[0] == 200, timeout=60)
+            served_again = wait_for(lambda: served.health(timeout=5)[0] == 200, timeout=60, period=0.2)
             assert not streams.errors, streams.errors
             assert streams.texts == undisturbed.texts, differences(streams.texts, undisturbed.texts)
             stall = streams.longest_stall()
@@ -237,13 +229,13 @@ def test_a_standby_replica_on_another_host_takes_over_at_once(llama_125m):
             "min_replicas": 2, "max_replicas": 2, "policy": {"policy_function": "app.autoscaling:StagePolicy"}}}
         with Served(hosts, {"model": llama_125m, "num_stages": 2, "max_model_len": 512, "max_batch_size": 8},
                     deployments=[standby]) as served:
-            wait_until(lambda: [len(s["replicas"]) for s in served.get("/health")["stages"]] == [1, 2], 120, 1)
+            wait_for(lambda: [len(s["replicas"]) for s in served.get("/health")["stages"]] == [1, 2], 120, 1)
             nodes = sorted(r["node"] for r in served.get("/health")["stages"][1]["replicas"])
             assert nodes == ["a", "b"], nodes
             undisturbed = Streams(served, prompts, 120)
             undisturbed.join()
             streams = Streams(served, prompts, 120)
-            wait_until(lambda: streams.tokens_so_far() >= 4 * 20, timeout=120)
+            wait_for(lambda: streams.tokens_so_far() >= 4 * 20, timeout=120, period=0.2)
             victim = [pid for pid in hosts.pids("b") if b"ServeReplica:stagewise:Stage1" in
                       open(f"/proc/{pid}/cmdline", "rb").read()]
             assert len(victim) == 1

@@ -123,7 +123,8 @@ def test_the_default_model_installed_on_the_head_only_serves_across_two_hosts(tm
 @pytest.mark.slow  # 2 minutes; the default suite keeps its 20 minutes
 def test_a_host_gone_for_good_moves_its_stage_to_a_spare_or_says_what_is_missing(llama_125m):  # noqa: F811
     require_hosts()
-    from tests.test_hosts import Streams, wait_until
+    from tests.serving import wait_for
+    from tests.test_hosts import Streams
 
     hosts, model_dir = model_on_host_a(llama_125m)
     try:
@@ -138,7 +139,7 @@ def test_a_host_gone_for_good_moves_its_stage_to_a_spare_or_says_what_is_missing
             undisturbed.join()
             hosts.add("c", memory_bytes=330 * MIB, num_cpus=2)  # a spare, not in the plan
             streams = Streams(served, prompts, 120)
-            wait_until(lambda: streams.tokens_so_far() >= 4 * 20, timeout=120)
+            wait_for(lambda: streams.tokens_so_far() >= 4 * 20, timeout=120, period=0.2)
             hosts.kill("b")  # for good
             streams.join()
             assert not streams.errors and not undisturbed.errors, streams.errors + undisturbed.errors
@@ -149,7 +150,7 @@ def test_a_host_gone_for_good_moves_its_stage_to_a_spare_or_says_what_is_missing
                   f"{streams.longest_stall():.1f} s (grace period 10 s)")
             # and without a spare: c goes too, and nothing else holds the range
             hosts.kill("c")
-            wait_until(lambda: served.health(timeout=5)[1]["stages"][int(moved[-1])]["error"] is not None, 120, 1)
+            wait_for(lambda: served.health(timeout=5)[1]["stages"][int(moved[-1])]["error"] is not None, 120, 1)
             status, body = served.health()
             request = served.health_post({"model": served.model, "prompt": "the", "max_tokens": 2})
         assert status == 503 and request[0] == 503
