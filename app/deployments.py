@@ -101,7 +101,7 @@ class StageDeployment:
             logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns on every int8 forward
         self.index, self.num_slots, self.limits = index, max_batch_size, limits
         self.stage = self.server = None
-        self._stats_at, self._stats_ongoing_s = time.monotonic(), 0.0
+        self._stats_at, self._stats_queued_s = time.monotonic(), 0.0
         self._closed = threading.Event()
         context = serve.get_replica_context()
         self.app_name, self.fetched_bytes = context.app_name, 0
@@ -165,18 +165,19 @@ class StageDeployment:
         """Serve's custom autoscaling metrics (see `app.autoscaling`). The hot path does not go
         through Serve, so Serve's own count of ongoing requests would always be 0.
 
-        `ongoing_steps`: steps this replica was computing or holding queued, on average since
+        `queued_steps`: steps waiting at this replica for the one it computes, on average since
         the last call. `slot_demand`: the sequences it holds plus its share of those waiting at
         the ingress, over its KV cache slots (as the ingress last said).
         """
         if self.server is None:
-            return {"ongoing_steps": 0.0, "slot_demand": 0.0}
-        now, ongoing_s = time.monotonic(), self.server.load.ongoing_s
+            return {"queued_steps": 0.0, "slot_demand": 0.0}
+        load, now = self.server.load, time.monotonic()
+        queued_s = load.ongoing_s - load.busy_s  # from arrival to done, less the compute
         window = max(now - self._stats_at, 1e-3)
-        ongoing = (ongoing_s - self._stats_ongoing_s) / window
-        self._stats_at, self._stats_ongoing_s = now, ongoing_s
+        queued = max(queued_s - self._stats_queued_s, 0.0) / window
+        self._stats_at, self._stats_queued_s = now, queued_s
         demand = self.server.demand
-        return {"ongoing_steps": ongoing,
+        return {"queued_steps": queued,
                 "slot_demand": (demand["sequences"] + demand["waiting"]) / self.num_slots}
 
     def check_health(self) -> None:

@@ -14,11 +14,30 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.autoscaling import StagePolicy
 from tests.serving import ServeRun, wait_for
 from tests.test_serve import stream_text
 
 HEAVY_CLIENTS, LIGHT_CLIENTS = 24, 4  # 24 > 16 slots: requests wait, so the stages scale up
 HEAVY_TOKENS, LIGHT_TOKENS = 32, 96
+
+
+def policy_decision(current: int, **metrics: list[float]) -> int:
+    """What `StagePolicy` asks for, given each replica's metrics (as Serve aggregates them)."""
+    ctx = type("Ctx", (), {"target_num_replicas": current, "policy_state": {}, "aggregated_metrics": {
+        name: {f"replica{i}": value for i, value in enumerate(values)} for name, values in metrics.items()}})
+    return StagePolicy()(ctx)[0]
+
+
+def test_policy_scales_on_waiting_steps_and_sequences_not_on_busy_replicas():
+    # Two replicas that compute most of the time for a few sequences, with no step waiting: one
+    # suffices (a single route steps them all at little more cost). Counting busy time instead
+    # held both replicas for good under the lightest steady load.
+    assert policy_decision(2, queued_steps=[0.05, 0.1], slot_demand=[0.15, 0.1]) == 1
+    assert policy_decision(1, queued_steps=[1.6], slot_demand=[0.3]) == 2  # a step always waits
+    assert policy_decision(1, queued_steps=[0.0], slot_demand=[1.4]) == 2  # sequences wait for slots
+    assert policy_decision(2, queued_steps=[0.0, 0.0], slot_demand=[1.2, 1.3]) == 3
+    assert policy_decision(2) == 2  # nothing reported yet: keep what there is
 
 
 class Clients:
