@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
+import importlib.metadata
 import json
 import logging
+import os
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 
-from app.completions import Completion, ModelInfo, PipelineError, SequenceFailed
-from app.engine import Engine, Overloaded
-from app.errors import (INTERNAL, SERVICE_UNAVAILABLE, NotFound, Overloaded as OverloadedError, Unavailable, error_body,
-                        install_error_handlers, parse_json_body)
-from app.health import health_body, stage_report, unavailable_reason
-from app.protocol import CompletionRequest, ModelCard, ModelList
+from app import chat, completions, tokens
+from app.engine import Engine
+from app.errors import NotFound, error_body, install_error_handlers
+from app.generation import ModelInfo
+from app.health import health_body, stage_report
+from app.protocol import ModelCard, ModelList
+from app.serving import Serving
 
 logger = logging.getLogger(__name__)
+try:
+    VERSION = importlib.metadata.version("stagewise")
+except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+    VERSION = "unknown"
+CHAT_PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
 
 
 def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, api_keys=(),
                problems=None) -> FastAPI:
-    """Builds the app: `GET /v1/models`, `POST /v1/completions`, `GET /health`.
+    """Builds the app: the OpenAI endpoints (`/v1/models`, `/v1/completions`,
+    `/v1/chat/completions`), vLLM's `/tokenize` and `/detokenize`, `/version`, `/health`, and the
+    web chat page at `/`. Each generation endpoint is one module with an `add_routes(app, serving)`.
 
     Args:
         engine: schedules the sequences over the stages.
         model: the served model's name, tokenizer and limits.
-        metrics: has `request_finished(status)`, told the HTTP status of every completions
-            response, errors included (e.g. `app.metrics.IngressMetrics`; None: not counted).
+        metrics: has `request_finished(status, endpoint)`, told the HTTP status of every
+            completions and chat response, errors included (e.g. `app.metrics.IngressMetrics`;
+            None: not counted).
         announced: returns what the stage replicas announced, loading or failed ones included
             (see `app.health`); None: the engine's replicas, every one ready.
         problems: returns {stage name: why it cannot come back} (see `app.rehome`).
@@ -41,7 +51,8 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
     app = FastAPI(title="stagewise", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     if metrics is not None:
-        app.add_middleware(CountStatuses, metrics=metrics, path="/v1/completions")
+        app.add_middleware(CountStatuses, metrics=metrics,
+                           endpoints={"/v1/completions": "completions", "/v1/chat/completions": "chat"})
     if api_keys:
         app.add_middleware(RequireApiKey, keys=tuple(api_keys))
 
@@ -58,40 +69,30 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
         body["engine"].update(running=engine.num_running, waiting=len(engine.waiting), **engine.stats)
         return JSONResponse(body, status_code=status)
 
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        """The web chat page: static, the same for everyone (a key is typed into the page)."""
+        return FileResponse(CHAT_PAGE, media_type="text/html")
+
+    card = ModelCard(id=model.name, created=model.created, root=model.name, max_model_len=model.max_model_len)
+
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model.name, created=model.created, root=model.name,
-                                         max_model_len=model.max_model_len)])
+        return ModelList(data=[card])
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await parse_json_body(request, CompletionRequest)
-        if body.model != model.name:
-            raise NotFound(f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
-        reason = unavailable_reason(report())
-        if reason is not None:
-            raise Unavailable(reason)
-        completion = Completion(body, engine, model)
-        try:
-            completion.start()
-        except Overloaded as exc:
-            completion.abort()
-            raise OverloadedError(f"server overloaded: {exc}", retry_after=1) from exc
-        if body.stream:
-            return StreamingResponse(_guarded_stream(completion, metrics), media_type="text/event-stream")
-        try:
-            response = await _unless_disconnected(request, completion.run())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a barrier: this request fails, nothing else
-            if not isinstance(exc, (PipelineError, SequenceFailed)):
-                exc = _request_failed(completion, exc, metrics)
-            status, error = _error_of(exc)
-            return JSONResponse(error, status_code=status)
-        finally:
-            completion.abort()  # a no-op when done; frees the slots when the client went away
-        return JSONResponse(response.model_dump())
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str) -> ModelCard:
+        if name != model.name:
+            raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        return card
 
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": VERSION}
+
+    serving = Serving(engine, model, metrics, report)
+    for endpoint in (completions, chat, tokens):
+        endpoint.add_routes(app, serving)
     return app
 
 
@@ -128,19 +129,24 @@ class RequireApiKey:
 
 
 class CountStatuses:
-    """ASGI middleware: tells `metrics.request_finished(status)` how each request to `path` ended.
+    """ASGI middleware: tells `metrics.request_finished(status, endpoint)` how each request to one of
+    `endpoints` ({path: name}) ended.
 
     Counted when the response is over (a stream at its end). A request whose handler raised is a
     500 (the outer error handler answers it); one whose client left before any answer is a 499,
     nginx's "client closed request".
     """
 
-    def __init__(self, app, metrics, path: str):
-        self.app, self.metrics, self.path = app, metrics, path
+    def __init__(self, app, metrics, endpoints: dict[str, str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    def _endpoint(self, path: str) -> str | None:
+        # endswith: under a Serve route prefix the path may still carry the prefix
+        return next((name for suffix, name in self.endpoints.items() if path.endswith(suffix)), None)
 
     async def __call__(self, scope, receive, send):
-        # endswith: under a Serve route prefix the path may still carry the prefix
-        if scope["type"] != "http" or not scope["path"].endswith(self.path):
+        endpoint = self._endpoint(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None:
             return await self.app(scope, receive, send)
         status = None
 
@@ -156,51 +162,4 @@ class CountStatuses:
             status = status or 500
             raise
         finally:
-            self.metrics.request_finished(status or 499)
-
-
-async def _unless_disconnected(request: Request, work, poll_s: float = 0.25):
-    """Awaits `work`, cancelling it if the client goes away first (the caller then aborts)."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll_s)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected")
-    finally:
-        task.cancel()
-
-
-def _error_of(exc: Exception) -> tuple[int, dict]:
-    """(status, OpenAI error body) of a request whose generation failed."""
-    if isinstance(exc, PipelineError):
-        return 503, error_body(str(exc), SERVICE_UNAVAILABLE, code="pipeline_unavailable")
-    return 500, error_body(str(exc), INTERNAL, code="sequence_failed")
-
-
-def _request_failed(completion: Completion, exc: Exception, metrics) -> SequenceFailed:
-    """Logs and counts an unexpected failure of one request's own code (detokenizing, stop
-    strings, ...), and turns it into that request's 500."""
-    logger.exception("request %s failed", completion.id)
-    if metrics is not None:
-        metrics.sequence_failed("text")
-    return SequenceFailed(f"generation failed: {type(exc).__name__}: {exc}")
-
-
-async def _guarded_stream(completion: Completion, metrics=None):
-    """The completion's SSE stream; a failure ends it with an `error` event, then `[DONE]`; its
-    sequences are aborted however the stream ends."""
-    try:
-        async for line in completion.stream():
-            yield line
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the stream's barrier
-        if not isinstance(exc, (PipelineError, SequenceFailed)):
-            exc = _request_failed(completion, exc, metrics)
-        yield f"data: {json.dumps(_error_of(exc)[1])}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        completion.abort()
+            self.metrics.request_finished(status or 499, endpoint)

@@ -1,54 +1,147 @@
-"""OpenAI completions over the engine: request -> sequences -> a response or an SSE stream."""
+"""`POST /v1/completions`: OpenAI's (legacy) completions, with vLLM's extras.
+
+Follows OpenAI where its reference is explicit (``max_tokens`` defaults to 16, ``best_of``
+cannot stream, ``logprobs`` returns the chosen token's log-probability beside the ``logprobs``
+best, so up to ``logprobs + 1`` of them) and vLLM where it is silent (``max_tokens: 0``
+allowed without ``echo``, ``logprobs`` up to 20, ``suffix`` rejected).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
 
-import torch
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
-from app.detokenizer import IncrementalDetokenizer, StopChecker
-from app.engine import Engine, Sequence
-from app.errors import BadRequest
-from app.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                          CompletionStreamResponse, UsageInfo, random_id, resolve_max_tokens, validate_token_ids)
-from app.sampling import SamplingParams
+from app.errors import BadRequest, parse_json_body
+from app.generation import Generation, ModelInfo, TokenLogprob
+from app.protocol import (MAX_LOGPROBS, MAX_N, SamplingRequest, UsageInfo, is_int, random_id, resolve_max_tokens,
+                          validate_token_ids)
+from app.serving import Serving, sse
 
+Prompt = Union[str, list[str], list[int], list[list[int]]]
 
-@dataclass
-class ModelInfo:
-    """What the HTTP layer knows of the served model."""
-
-    name: str
-    tokenizer: object
-    vocab_size: int
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]
-    created: int = field(default_factory=lambda: int(time.time()))
+_PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
 
 
-@dataclass
-class ChoiceState:
-    """Text assembly of one choice: detokenizer, stop strings, logprobs."""
+def _check_ids(ids: list, where: str) -> None:
+    for i, tok in enumerate(ids):
+        if not is_int(tok):
+            raise ValueError(f"prompt must be {_PROMPT_SHAPES}; {where}[{i}] is {tok!r}")
+        if tok < 0:
+            raise ValueError(f"token ids must be >= 0; {where}[{i}] is {tok}")
 
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    stops: StopChecker
+
+class CompletionRequest(SamplingRequest):
+    """A ``POST /v1/completions`` body."""
+
+    prompt: Prompt
+    suffix: Optional[Any] = None
+    best_of: Optional[StrictInt] = Field(None, ge=1, le=MAX_N)
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_is_false(cls, value: Any) -> Any:
+        return False if value is None else value
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Prompt:
+        # One plain validator instead of a 4-way union: one clear message, and no
+        # per-element error lists built for long token-id prompts.
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"prompt must be {_PROMPT_SHAPES}")
+        if not value:
+            raise ValueError("prompt must not be an empty list")
+        if all(isinstance(item, str) for item in value):
+            return value
+        if isinstance(value[0], list):
+            for i, ids in enumerate(value):
+                if not isinstance(ids, list):
+                    raise ValueError(f"prompt must be {_PROMPT_SHAPES}; prompt[{i}] is {ids!r}")
+                if not ids:
+                    raise ValueError(f"prompt[{i}] must not be an empty list of token ids")
+                _check_ids(ids, f"prompt[{i}]")
+            return value
+        _check_ids(value, "prompt")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("suffix is not supported")
+        return None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_vs_n(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        n = info.data.get("n", 1)
+        if value is not None and value < n:
+            raise ValueError(f"best_of ({value}) must be >= n ({n})")
+        if value is not None and value > n and info.data.get("stream"):
+            raise ValueError("best_of > n cannot be streamed")
+        return value
+
+    @property
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The batch of prompts: each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and is_int(self.prompt[0]):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    @property
+    def num_candidates(self) -> int:
+        """How many sequences to sample per prompt (``best_of``, else ``n``)."""
+        return self.best_of if self.best_of is not None else self.n
+
+
+class CompletionLogprobs(BaseModel):
+    """Per-token log-probabilities of one choice (OpenAI's legacy shape)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    """One completion; also a streamed chunk's choice (then ``text`` is the delta)."""
+
+    index: int
     text: str = ""
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    done: bool = False
-    echoed: bool = False
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    stop_reason: Optional[Union[int, str]] = None  # vLLM: the stop string or EOS id hit
 
 
-class PipelineError(RuntimeError):
-    """The stages failed and could not be recovered (503)."""
+class CompletionResponse(BaseModel):
+    """A non-streamed ``/v1/completions`` answer."""
+
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
 
 
-class SequenceFailed(RuntimeError):
-    """One sequence of the request failed on its own: sampling, text, a step that kept failing (500)."""
+class CompletionStreamResponse(BaseModel):
+    """One SSE chunk of a streamed answer; ``usage`` only on the final usage chunk."""
+
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice] = Field(default_factory=list)
+    usage: Optional[UsageInfo] = None
 
 
 def tokenize_prompts(request: CompletionRequest, model: ModelInfo) -> list[list[int]]:
@@ -68,193 +161,72 @@ def tokenize_prompts(request: CompletionRequest, model: ModelInfo) -> list[list[
     return prompts
 
 
-def sampling_params(request: CompletionRequest, max_tokens: int, model: ModelInfo) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-        top_k=request.effective_top_k, min_tokens=request.min_tokens,
-        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-        repetition_penalty=request.repetition_penalty, logit_bias=request.logit_bias_ids,
-        seed=request.seed, logprobs=request.logprobs, rank_by_logprob=request.num_candidates > request.n,
-        ignore_eos=request.ignore_eos,
-        stop=tuple(request.stop_list), stop_token_ids=() if request.ignore_eos else model.eos_token_ids,
-        include_stop_str_in_output=request.include_stop_str_in_output,
-        skip_special_tokens=request.skip_special_tokens)
+def legacy_logprobs(entries: list[TokenLogprob], tokenizer, offset: int = 0) -> CompletionLogprobs:
+    """OpenAI's legacy shape of a run of tokens whose text starts at character `offset`.
+
+    `top_logprobs` maps each alternative's text to its log-probability, the chosen token's
+    included; two ids with the same text (e.g. partial UTF-8 bytes, both "\ufffd") are told
+    apart by their vocabulary strings. The prompt's first token has none (null).
+    """
+    out = CompletionLogprobs()
+    for entry in entries:
+        out.tokens.append(entry.text)
+        out.token_logprobs.append(entry.logprob)
+        out.text_offset.append(offset)
+        offset += len(entry.text)
+        if entry.logprob is None:
+            out.top_logprobs.append(None)
+            continue
+        alternatives = list(entry.top or [])
+        if all(token != entry.token for token, _, _ in alternatives):
+            alternatives.append((entry.token, entry.text, entry.logprob))
+        top: dict[str, float] = {}
+        for token, text, value in alternatives:
+            top[text if text not in top else tokenizer.convert_ids_to_tokens(token)] = value
+        out.top_logprobs.append(top)
+    return out
 
 
-def token_text(tokenizer, token: int) -> str:
-    return tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+def add_routes(app: FastAPI, serving: Serving) -> None:
+    model = serving.model
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse_json_body(request, CompletionRequest)
+        serving.admit(body.model)
+        prompts = tokenize_prompts(body, model)
+        rank = body.num_candidates > body.n
+        params = [body.sampling_params(resolve_max_tokens(len(ids), body.max_tokens, model.max_model_len),
+                                       model.eos_token_ids, body.logprobs, rank) for ids in prompts]
+        generation = Generation(serving.engine, model, prompts, params, body.num_candidates, body.n, body.seed,
+                                echo=body.echo, id_prefix="cmpl")
+        meta = {"id": generation.id, "created": generation.created, "model": model.name}
 
-class Completion:
-    """One completions request in flight: its sequences and the text of each choice."""
+        def usage() -> UsageInfo:
+            return UsageInfo.of(*generation.usage())
 
-    def __init__(self, request: CompletionRequest, engine: Engine, model: ModelInfo):
-        self.request, self.engine, self.model = request, engine, model
-        self.id = random_id("cmpl")
-        self.created = int(time.time())
-        self.events: asyncio.Queue = asyncio.Queue()
-        prompts = tokenize_prompts(request, model)
-        self.prompt_ids = prompts
-        self.states: list[ChoiceState] = []
-        want_prompt_logprobs = request.echo and request.logprobs is not None
-        for p, ids in enumerate(prompts):
-            max_tokens = resolve_max_tokens(len(ids), request.max_tokens, model.max_model_len)
-            params = sampling_params(request, max_tokens, model)
-            for i in range(request.num_candidates):
-                generator = None
-                if not params.greedy:
-                    generator = torch.Generator()
-                    generator.manual_seed(request.seed + i if request.seed is not None
-                                          else int.from_bytes(random_id("s").encode()[-8:], "little"))
-                seq = Sequence(ids, params, self.events, index=len(self.states), request_id=self.id,
-                               prompt_logprobs=want_prompt_logprobs, generator=generator)
-                self.states.append(ChoiceState(seq, IncrementalDetokenizer(model.tokenizer, ids,
-                                                                           request.skip_special_tokens),
-                                               StopChecker(params.stop, params.include_stop_str_in_output)))
-        for state in self.states:
-            if request.logprobs is not None:
-                state.logprobs = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        async def whole() -> dict:
+            choices = [CompletionChoice(index=i, text=state.text, finish_reason=state.finish_reason,
+                                        stop_reason=state.stop_reason,
+                                        logprobs=None if body.logprobs is None
+                                        else legacy_logprobs(state.logprobs, model.tokenizer))
+                       for i, state in enumerate(await generation.run())]
+            return CompletionResponse(**meta, choices=choices, usage=usage()).model_dump()
 
-    def start(self) -> None:
-        """Queues the sequences (an echo of max_tokens 0 without logprobs needs no compute)."""
-        for state in self.states:
-            seq = state.seq
-            if seq.params.max_tokens == 0 and not seq.prompt_logprobs:
-                seq.finish_reason = "length"
-                self.events.put_nowait(("finished", seq, "length"))
-            else:
-                self.engine.add(seq)
+        async def lines():
+            offsets = [0] * len(generation.states)
+            async for delta in generation.deltas():
+                if not delta.text and not delta.logprobs and delta.finish_reason is None:
+                    continue
+                logprobs = None
+                if body.logprobs is not None and delta.logprobs:
+                    logprobs = legacy_logprobs(delta.logprobs, model.tokenizer, offsets[delta.index])
+                offsets[delta.index] += sum(len(entry.text) for entry in delta.logprobs)
+                choice = CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
+                                          finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+                yield sse(CompletionStreamResponse(**meta, choices=[choice]))
+            if body.include_usage:
+                yield sse(CompletionStreamResponse(**meta, usage=usage()))
+            yield "data: [DONE]\n\n"
 
-    def abort(self) -> None:
-        for state in self.states:
-            self.engine.abort(state.seq)
-
-    # ---- assembling text ----
-
-    def _echo(self, state: ChoiceState) -> str:
-        """The prompt text, and its tokens' logprobs, at the start of an echoed choice."""
-        seq, tokenizer = state.seq, self.model.tokenizer
-        text = tokenizer.decode(seq.prompt_ids, skip_special_tokens=self.request.skip_special_tokens,
-                                clean_up_tokenization_spaces=False)
-        if state.logprobs is not None:
-            values = seq.prompt_logprob_values or [None] * len(seq.prompt_ids)
-            for token, value in zip(seq.prompt_ids, values):
-                self._add_logprob(state, token_text(tokenizer, token), value, None)
-        return text
-
-    def _add_logprob(self, state: ChoiceState, piece: str, value, top) -> None:
-        lp = state.logprobs
-        offset = (lp.text_offset[-1] + len(lp.tokens[-1])) if lp.tokens else 0
-        lp.tokens.append(piece)
-        lp.token_logprobs.append(value)
-        lp.top_logprobs.append(top)
-        lp.text_offset.append(offset)
-
-    def on_event(self, kind: str, seq: Sequence, payload) -> str:
-        """Applies one engine event to its choice; returns the new text it releases."""
-        state = self.states[seq.index]
-        if kind == "error":
-            raise PipelineError(payload)
-        if kind == "failed":
-            raise SequenceFailed(payload)
-        echo = ""
-        if self.request.echo and not state.echoed:
-            state.echoed = True  # prompt logprobs are complete once the first event arrives
-            echo = self._echo(state)
-        return echo + self._apply(state, kind, seq, payload)
-
-    def _top_logprobs(self, top: list[tuple[int, float]]) -> dict[str, float]:
-        """{text: logprob} of the alternatives; two ids with the same text (e.g. partial UTF-8 bytes,
-        both "\ufffd") are told apart by their vocabulary strings."""
-        out: dict[str, float] = {}
-        for token, value in top:
-            key = token_text(self.model.tokenizer, token)
-            if key in out:
-                key = self.model.tokenizer.convert_ids_to_tokens(token)
-            out[key] = value
-        return out
-
-    def _apply(self, state: ChoiceState, kind: str, seq: Sequence, payload) -> str:
-        if kind == "token":
-            choice = payload
-            if state.logprobs is not None:
-                top = self._top_logprobs(choice.top or [])
-                self._add_logprob(state, token_text(self.model.tokenizer, choice.token), choice.logprob,
-                                  top or None)
-            if choice.token in seq.params.stop_token_ids and not seq.params.ignore_eos:
-                return ""  # EOS ends the text; it is not part of it
-            delta = state.stops.add(state.detok.add(choice.token))
-            if state.stops.matched is not None:
-                state.finish_reason, state.stop_reason, state.done = "stop", state.stops.matched, True
-                self.engine.abort(seq, "stop")
-            return delta
-        # finished
-        if state.done:
-            return ""
-        state.done = True
-        state.finish_reason = payload
-        if payload == "stop" and seq.output_ids and seq.output_ids[-1] in seq.params.stop_token_ids:
-            state.stop_reason = None
-        delta = state.stops.add(state.detok.flush(), final=True)
-        if state.stops.matched is not None:
-            state.finish_reason, state.stop_reason = "stop", state.stops.matched
-        return delta
-
-    def usage(self) -> UsageInfo:
-        prompt_tokens = sum(len(ids) for ids in self.prompt_ids)
-        completion_tokens = sum(len(s.seq.output_ids) for s in self._returned())
-        return UsageInfo.of(prompt_tokens, completion_tokens)
-
-    def _returned(self) -> list[ChoiceState]:
-        """The choices sent back: with best_of, the n best of each prompt by cumulative logprob."""
-        n, k = self.request.n, self.request.num_candidates
-        if k == n:
-            return self.states
-        picked = []
-        for p in range(len(self.prompt_ids)):
-            group = self.states[p * k:(p + 1) * k]
-            picked += sorted(group, key=lambda s: -s.seq.cumulative_logprob)[:n]
-        return picked
-
-    # ---- results ----
-
-    async def run(self) -> CompletionResponse:
-        """Waits for every choice and returns the whole response."""
-        while not all(s.done for s in self.states):
-            kind, seq, payload = await self.events.get()
-            self.states[seq.index].text += self.on_event(kind, seq, payload)
-        choices = [CompletionChoice(index=i, text=state.text, logprobs=state.logprobs,
-                                    finish_reason=state.finish_reason, stop_reason=state.stop_reason)
-                   for i, state in enumerate(self._returned())]
-        return CompletionResponse(id=self.id, created=self.created, model=self.model.name, choices=choices,
-                                  usage=self.usage())
-
-    async def stream(self):
-        """Yields SSE lines: a chunk per released piece of text, then usage (if asked) and [DONE]."""
-        while not all(s.done for s in self.states):
-            kind, seq, payload = await self.events.get()
-            state = self.states[seq.index]
-            num_logprobs = len(state.logprobs.tokens) if state.logprobs is not None else 0
-            text = self.on_event(kind, seq, payload)
-            logprobs = None
-            if state.logprobs is not None and len(state.logprobs.tokens) > num_logprobs:
-                lp = state.logprobs
-                logprobs = CompletionLogprobs(tokens=lp.tokens[num_logprobs:],
-                                              token_logprobs=lp.token_logprobs[num_logprobs:],
-                                              top_logprobs=lp.top_logprobs[num_logprobs:],
-                                              text_offset=lp.text_offset[num_logprobs:])
-            finish = state.finish_reason if state.done else None
-            if not text and logprobs is None and finish is None:
-                continue
-            choice = CompletionChoice(index=seq.index, text=text, logprobs=logprobs, finish_reason=finish,
-                                      stop_reason=state.stop_reason if finish else None)
-            yield _sse(CompletionStreamResponse(id=self.id, created=self.created, model=self.model.name,
-                                                choices=[choice]))
-        if self.request.include_usage:
-            yield _sse(CompletionStreamResponse(id=self.id, created=self.created, model=self.model.name,
-                                                choices=[], usage=self.usage()))
-        yield "data: [DONE]\n\n"
-
-
-def _sse(chunk: CompletionStreamResponse) -> str:
-    return f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
+        return await serving.answer(request, generation, body.stream, lines, whole)

@@ -17,7 +17,7 @@ import time
 import torch
 
 from app.api import create_app
-from app.completions import ModelInfo
+from app.generation import ModelInfo
 from app.engine import Engine, EngineConfig, Replica
 from app.health import stage_report, unavailable_reason
 from app.metrics import IngressMetrics, StageMetrics

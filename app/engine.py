@@ -96,7 +96,7 @@ class Sequence:
     prompt_logprobs: bool = False
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
-    prompt_logprob_values: list[float | None] = field(default_factory=list)
+    prompt_logprob_values: list[tuple] = field(default_factory=list)  # (logprob, alternatives) per token
     cumulative_logprob: float = 0.0
     route: tuple[str, ...] | None = None  # replica ids, one per stage
     slots: list[int] | None = None  # the sequence's KV cache slot on each replica of its route
@@ -502,13 +502,20 @@ class Engine:
         self.metrics.generated_tokens(sum(not isinstance(c, Exception) for c in choices))
 
     def _record_prompt_logprobs(self, seq: Sequence, row: Row, logits: torch.Tensor) -> None:
+        """(log-probability, alternatives) of each prompt token after the first, as the request's
+        `logprobs` asks (the first token has no context: (None, None))."""
         if not seq.prompt_logprob_values:
-            seq.prompt_logprob_values.append(None)  # the first token has no context
+            seq.prompt_logprob_values.append((None, None))
+        num_top = seq.params.logprobs or 0
         logprobs = torch.log_softmax(logits[: row.num_new], dim=-1)
         for offset in range(row.num_new):
             position = row.start + offset + 1
             if position < len(seq.prompt_ids) and len(seq.prompt_logprob_values) <= position:
-                seq.prompt_logprob_values.append(float(logprobs[offset, seq.prompt_ids[position]]))
+                top = None
+                if num_top:
+                    values, ids = torch.topk(logprobs[offset], num_top)
+                    top = list(zip(ids.tolist(), values.tolist()))
+                seq.prompt_logprob_values.append((float(logprobs[offset, seq.prompt_ids[position]]), top))
 
     def _append(self, seq: Sequence, choice: Choice) -> None:
         params = seq.params

@@ -202,7 +202,8 @@ class IngressMetrics:
             return _tagged(metric, {"model": model_name})
 
         self._request_count = tagged(metrics.Counter(
-            "stagewise_requests", "Completions requests answered, by HTTP status.", tag_keys=("model", "status")))
+            "stagewise_requests", "Completions and chat requests answered, by endpoint and HTTP status.",
+            tag_keys=("model", "endpoint", "status")))
         self._ttft = tagged(metrics.Histogram(
             "stagewise_time_to_first_token_seconds", "From a sequence's arrival to its first token.",
             boundaries=LATENCY_BUCKETS_S, tag_keys=("model",)))
@@ -230,11 +231,12 @@ class IngressMetrics:
         self._waiting_gauge.set(0)
         self._ticker = _Ticker(self._tick, TICK_S, "stagewise-ingress-metrics")
 
-    def request_finished(self, status: int) -> None:
-        """A completions request was answered with HTTP `status` (counted when its body ends)."""
+    def request_finished(self, status: int, endpoint: str = "completions") -> None:
+        """A request to `endpoint` (completions, chat) was answered with HTTP `status` (counted
+        when its body ends)."""
         if self.enabled:
             self._requests += 1
-            self._request_count.inc(tags={"status": str(status)})
+            self._request_count.inc(tags={"endpoint": endpoint, "status": str(status)})
 
     def prompt_tokens(self, num: int) -> None:
         if self.enabled and num > 0:

@@ -1,4 +1,5 @@
-"""Pydantic models of the OpenAI completions API.
+"""What the OpenAI endpoints share: the sampling fields, usage, the model list, and the checks
+that need the model. Each endpoint's own schemas live in its module (`completions`, `chat`).
 
 Follows OpenAI where its reference is explicit (``model`` required, ``max_tokens``
 defaults to 16, penalties in [-2, 2], ``best_of`` cannot stream) and vLLM where it is
@@ -32,14 +33,12 @@ from pydantic import (
 )
 
 from app.errors import BadRequest
+from app.sampling import SamplingParams
 
 MAX_N = 128
 MAX_LOGPROBS = 20
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-Prompt = Union[str, list[str], list[int], list[list[int]]]
-
-_PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,18}")
 
 
@@ -55,16 +54,9 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(16)}"
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_ids(ids: list, where: str) -> None:
-    for i, tok in enumerate(ids):
-        if not _is_int(tok):
-            raise ValueError(f"prompt must be {_PROMPT_SHAPES}; {where}[{i}] is {tok!r}")
-        if tok < 0:
-            raise ValueError(f"token ids must be >= 0; {where}[{i}] is {tok}")
 
 
 class StreamOptions(BaseModel):
@@ -75,17 +67,17 @@ class StreamOptions(BaseModel):
     include_usage: Optional[StrictBool] = False
 
 
-class CompletionRequest(BaseModel):
-    """A ``POST /v1/completions`` body.
+class SamplingRequest(BaseModel):
+    """The fields every generation endpoint shares (completions, chat): the model, the token
+    budget, sampling, penalties, stop conditions, streaming.
 
-    Field order matters: a validator may read fields defined above it.
+    Field order matters: a validator may read fields defined above it (a subclass's fields come
+    after these).
     """
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: StrictStr
-    prompt: Prompt
-    suffix: Optional[Any] = None
     max_tokens: Optional[StrictInt] = Field(16, ge=0)  # None: as many as the context holds
     min_tokens: StrictInt = Field(0, ge=0)
     temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)  # 0: greedy
@@ -94,11 +86,8 @@ class CompletionRequest(BaseModel):
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    best_of: Optional[StrictInt] = Field(None, ge=1, le=MAX_N)
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[StrictInt] = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: StrictBool = False
     presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: StrictFloat = Field(1.0, gt=0.0)
@@ -109,7 +98,7 @@ class CompletionRequest(BaseModel):
     include_stop_str_in_output: StrictBool = False
 
     @field_validator(
-        "min_tokens", "temperature", "top_p", "n", "stream", "echo", "presence_penalty",
+        "min_tokens", "temperature", "top_p", "n", "stream", "presence_penalty",
         "frequency_penalty", "repetition_penalty", "ignore_eos", "skip_special_tokens",
         "include_stop_str_in_output",
         mode="before",
@@ -119,37 +108,6 @@ class CompletionRequest(BaseModel):
         if value is None:
             return cls.model_fields[info.field_name].default
         return value
-
-    @field_validator("prompt", mode="plain")
-    @classmethod
-    def _check_prompt(cls, value: Any) -> Prompt:
-        # One plain validator instead of a 4-way union: one clear message, and no
-        # per-element error lists built for long token-id prompts.
-        if isinstance(value, str):
-            return value
-        if not isinstance(value, list):
-            raise ValueError(f"prompt must be {_PROMPT_SHAPES}")
-        if not value:
-            raise ValueError("prompt must not be an empty list")
-        if all(isinstance(item, str) for item in value):
-            return value
-        if isinstance(value[0], list):
-            for i, ids in enumerate(value):
-                if not isinstance(ids, list):
-                    raise ValueError(f"prompt must be {_PROMPT_SHAPES}; prompt[{i}] is {ids!r}")
-                if not ids:
-                    raise ValueError(f"prompt[{i}] must not be an empty list of token ids")
-                _check_ids(ids, f"prompt[{i}]")
-            return value
-        _check_ids(value, "prompt")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: Any) -> None:
-        if value is not None:
-            raise ValueError("suffix is not supported")
-        return None
 
     @field_validator("min_tokens")
     @classmethod
@@ -171,16 +129,6 @@ class CompletionRequest(BaseModel):
     def _options_need_stream(cls, value: Optional[StreamOptions], info: ValidationInfo) -> Any:
         if value is not None and not info.data.get("stream", False):
             raise ValueError("stream_options is only allowed when stream is true")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_vs_n(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
-        n = info.data.get("n", 1)
-        if value is not None and value < n:
-            raise ValueError(f"best_of ({value}) must be >= n ({n})")
-        if value is not None and value > n and info.data.get("stream"):
-            raise ValueError("best_of > n cannot be streamed")
         return value
 
     @field_validator("stop", mode="plain")
@@ -226,15 +174,6 @@ class CompletionRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
-    def prompts(self) -> list[Union[str, list[int]]]:
-        """The batch of prompts: each a string or a list of token ids."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if self.prompt and _is_int(self.prompt[0]):
-            return [list(self.prompt)]
-        return list(self.prompt)
-
-    @property
     def effective_top_k(self) -> Optional[int]:
         """``top_k`` for sampling: None when disabled (None, -1 or 0)."""
         return self.top_k if self.top_k is not None and self.top_k > 0 else None
@@ -244,10 +183,24 @@ class CompletionRequest(BaseModel):
         """Whether a stream ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    @property
-    def num_candidates(self) -> int:
-        """How many sequences to sample per prompt (``best_of``, else ``n``)."""
-        return self.best_of if self.best_of is not None else self.n
+    def sampling_params(self, max_tokens: int, eos_token_ids: tuple[int, ...], logprobs: Optional[int] = None,
+                        rank_by_logprob: bool = False) -> SamplingParams:
+        """The engine's parameters for one prompt of this request.
+
+        Args:
+            max_tokens: the prompt's token budget (see `resolve_max_tokens`).
+            eos_token_ids: the model's end-of-sequence ids (they stop it unless `ignore_eos`).
+            logprobs: alternatives to report per token (None: no log-probabilities).
+            rank_by_logprob: the sampled tokens' log-probabilities rank candidates (`best_of`).
+        """
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.effective_top_k,
+            min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logit_bias=self.logit_bias_ids, seed=self.seed, logprobs=logprobs, rank_by_logprob=rank_by_logprob,
+            ignore_eos=self.ignore_eos, stop=tuple(self.stop_list),
+            stop_token_ids=() if self.ignore_eos else eos_token_ids,
+            include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens)
 
 
 def validate_token_ids(ids: Iterable[Any], vocab_size: int, param: str = "prompt") -> None:
@@ -265,7 +218,7 @@ def validate_token_ids(ids: Iterable[Any], vocab_size: int, param: str = "prompt
         if isinstance(item, (list, tuple)):
             validate_token_ids(item, vocab_size, param)
             continue
-        if not _is_int(item) or not 0 <= item < vocab_size:
+        if not is_int(item) or not 0 <= item < vocab_size:
             raise BadRequest(
                 f"{param} contains token id {item!r} outside the vocabulary "
                 f"(valid ids are 0..{vocab_size - 1})",
@@ -307,25 +260,6 @@ def resolve_max_tokens(num_prompt_tokens: int, max_tokens: Optional[int], max_mo
     return max_tokens
 
 
-class CompletionLogprobs(BaseModel):
-    """Per-token log-probabilities of one choice (OpenAI's legacy shape)."""
-
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    """One completion; also a streamed chunk's choice (then ``text`` is the delta)."""
-
-    index: int
-    text: str = ""
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
-    stop_reason: Optional[Union[int, str]] = None  # vLLM: the stop string or EOS id hit
-
-
 class UsageInfo(BaseModel):
     """Token counts of a request."""
 
@@ -341,28 +275,6 @@ class UsageInfo(BaseModel):
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         )
-
-
-class CompletionResponse(BaseModel):
-    """A non-streamed ``/v1/completions`` answer."""
-
-    id: str = Field(default_factory=lambda: random_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo
-
-
-class CompletionStreamResponse(BaseModel):
-    """One SSE chunk of a streamed answer; ``usage`` only on the final usage chunk."""
-
-    id: str = Field(default_factory=lambda: random_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice] = Field(default_factory=list)
-    usage: Optional[UsageInfo] = None
 
 
 class ModelCard(BaseModel):

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoConfig, AutoTokenizer
 
 from app.api import create_app
-from app.completions import ModelInfo
+from app.generation import ModelInfo
 from app.engine import Engine, EngineConfig, Replica
 from app.pipeline import PipelineClient
 from app.stage_server import StageServer
@@ -54,9 +54,9 @@ def model_info(model_dir: str, name: str, max_model_len: int) -> ModelInfo:
 
 @contextmanager
 def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model", http: bool = False,
-              quantizations: list[str] | None = None, **engine_kwargs):
+              quantizations: list[str] | None = None, api_keys: tuple[str, ...] = (), **engine_kwargs):
     """Yields (TestClient, engine, stage servers) for the model split into `ranges`; with `http`, a
-    real HTTP server's URL instead of the TestClient."""
+    real HTTP server's URL instead of the TestClient; with `api_keys`, clients must send one."""
     config = EngineConfig(**{"max_model_len": 512, **engine_kwargs})
     quantizations = quantizations or ["none"] * len(ranges)
     secret = os.urandom(32)  # the application's data-plane secret
@@ -67,7 +67,7 @@ def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model"
     engine.set_replicas(replicas_of(servers, config.max_batch_size))
     info = model_info(model_dir, name, config.max_model_len)
     try:
-        app = create_app(engine, info)
+        app = create_app(engine, info, api_keys=api_keys)
         if http:
             with http_server(app) as url:
                 yield url, engine, servers

@@ -128,12 +128,27 @@ def test_echo_logprobs_and_max_tokens_zero(checkpoint):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     logprobs = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0], dim=-1)
     expected = [logprobs[i, prompt_ids[i + 1]].item() for i in range(len(prompt_ids) - 1)]
+    best = torch.topk(logprobs[:-1], 2)  # the two likeliest tokens at each prompt position after the first
     with local_app(model_dir, THREE, max_prefill_tokens=3) as (client, _, _):
-        body = complete(client, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+        body = complete(client, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
         choice = body["choices"][0]
         assert choice["text"] == prompt and body["usage"]["completion_tokens"] == 0
         assert choice["logprobs"]["token_logprobs"][0] is None
         assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+        # Every echoed token but the first has its alternatives (as OpenAI and vLLM: the two best,
+        # and the prompt's own token where it is not among them), as evaluation clients read them.
+        tops = choice["logprobs"]["top_logprobs"]
+        assert tops[0] is None and all(isinstance(top, dict) for top in tops[1:])
+        for position, top in enumerate(tops[1:]):
+            alternatives = list(zip(best.indices[position].tolist(), best.values[position].tolist()))
+            if prompt_ids[position + 1] not in best.indices[position].tolist():
+                alternatives.append((prompt_ids[position + 1], expected[position]))
+            wanted = {}
+            for token, value in alternatives:  # two tokens with one text: the second by its vocabulary string
+                text = tokenizer.decode([token])
+                wanted[text if text not in wanted else tokenizer.convert_ids_to_tokens(token)] = value
+            assert top.keys() == wanted.keys()
+            assert list(top.values()) == pytest.approx(list(wanted.values()), abs=1e-4)
         assert body["usage"]["prompt_tokens"] == len(prompt_ids)
         plain = complete(client, prompt=prompt, max_tokens=0, echo=True)
         assert plain["choices"][0]["text"] == prompt

@@ -40,11 +40,25 @@ def test_shipped_config_serves_smollm2():
         status, body = server.post("/v1/completions", {"model": server.model, "prompt": "The capital of France is",
                                                        "max_tokens": 3, "temperature": 0})
         assert status == 200 and body["choices"][0]["text"].startswith(" Paris.")
-        from transformers import AutoTokenizer
+        # Chat through Serve, as clients speak to an instruct model: the checkpoint's own template.
+        import openai
 
-        tokenizer = AutoTokenizer.from_pretrained(default_model.default_model_dir())
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                               tokenize=False, add_generation_prompt=True)
-        status, body = server.post("/v1/completions", {"model": server.model, "prompt": prompt, "max_tokens": 20,
-                                                       "temperature": 0})
-        assert status == 200 and body["choices"][0]["text"].startswith("The capital of France is Paris.")
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        answer = client.chat.completions.create(model=server.model, messages=messages, max_tokens=20, temperature=0)
+        assert answer.choices[0].message.content == greedy_chat(messages, 20)
+        assert "Paris" in answer.choices[0].message.content
+
+
+def greedy_chat(messages: list[dict], max_tokens: int) -> str:
+    """transformers' own greedy answer to `messages`, with the model's chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = default_model.default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(ids, add_special_tokens=False).input_ids
+    out = AutoModelForCausalLM.from_pretrained(model_dir).generate(torch.tensor([ids]), max_new_tokens=max_tokens,
+                                                                   do_sample=False)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)

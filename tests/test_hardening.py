@@ -137,8 +137,12 @@ def test_api_keys(checkpoint, monkeypatch):
                 assert r.status_code == 401, r.text
                 assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "invalid_request_error",
                                              "param": None, "code": "invalid_api_key"}
-            assert client.get("/v1/models").status_code == 401
+            for method, path in (("GET", "/v1/models"), ("GET", "/v1/models/model"), ("GET", "/version"),
+                                 ("POST", "/v1/chat/completions"), ("POST", "/tokenize"), ("POST", "/detokenize")):
+                assert client.request(method, path, json={}).status_code == 401, path
             assert client.get("/health").status_code == 200  # open
+            page = client.get("/")  # open: the page asks for the key itself, and holds none
+            assert page.status_code == 200 and "key-number" not in page.text
             for key in ("key-number-one", "key-number-two"):
                 r = client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
                 assert r.status_code == 200

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoConfig, AutoTokenizer
 
 from app.api import create_app
-from app.completions import ModelInfo
+from app.generation import ModelInfo
 from app.engine import Engine, EngineConfig
 from app.metrics import IngressMetrics, StageMetrics
 from app.pipeline import PipelineClient
@@ -101,13 +101,16 @@ def test_hooks_in_process(checkpoint):
             assert client.post("/v1/completions", json=dict(body, stream=True)).status_code == 200
             assert client.post("/v1/completions", json=dict(body, max_tokens=-1)).status_code == 400
             assert client.post("/v1/completions", json=dict(body, model="other")).status_code == 404
+            chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}]}
+            assert client.post("/v1/chat/completions", json=chat).status_code == 400  # no chat template
             assert client.get("/v1/models").status_code == 200  # not a completion: not counted
     finally:
         pipeline.close()
         for server in servers:
             server.close()
 
-    assert sorted(ingress.of("request_finished")) == [(200,), (200,), (400,), (404,)]
+    assert sorted(ingress.of("request_finished")) == [(200, "completions"), (200, "completions"),
+                                                      (400, "chat"), (400, "completions"), (404, "completions")]
     assert sum(n for n, in ingress.of("generated_tokens")) == 2 * 6
     num_prompt = sum(n for n, in ingress.of("prompt_tokens"))
     assert len(ingress.of("first_token")) == 2 and len(ingress.of("time_per_output_token")) == 2

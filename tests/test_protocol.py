@@ -13,11 +13,8 @@ from app.errors import (
     install_error_handlers,
     parse_json_body,
 )
+from app.completions import CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamResponse
 from app.protocol import (
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    CompletionStreamResponse,
     ModelCard,
     ModelList,
     UsageInfo,
