@@ -18,123 +18,25 @@ replica of that stage by the same replay, and a drained replica is told when it 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from app.metrics import IngressMetrics
 from app.pipeline import StepFailed
-from app.sampling import Choice, SamplingParams, sample
+from app.replicas import ReplicaPool
+from app.sampling import Choice, prompt_logprobs, sample
+from app.scheduler import Scheduler
+from app.sequence import EngineConfig, Overloaded, Replica, Row, Sequence
+
+__all__ = ["Engine", "EngineConfig", "Overloaded", "Replica", "Row", "Sequence"]
 
 logger = logging.getLogger(__name__)
 
 # The loop is restarted after an unexpected exception (its open sequences fail); more restarts
 # than this within a minute and the engine reports itself dead (the ingress's health check fails).
 MAX_RESTARTS_PER_MINUTE = 5
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Limits of the scheduler.
-
-    Attributes:
-        max_batch_size: sequences open at once (= KV cache slots per stage).
-        max_model_len: longest sequence, prompt + output.
-        max_prefill_tokens: prompt tokens per step; longer prompts are prefilled in chunks so
-            that running decodes are not stalled for long.
-        num_microbatches: steps in flight at once, each with its own share of the sequences.
-        max_queued_requests: sequences waiting for a slot before new requests get a 503.
-        step_timeout_s: a step that takes longer counts as failed (a hung stage).
-        max_recoveries: consecutive failed attempts to reach the stages again (the `recover`
-            callback raising) before every open sequence fails.
-        max_step_failures: steps in a row that may fail for one sequence, each followed by a
-            successful recovery and a replay, before that sequence fails (a step that fails every
-            time: an out-of-memory on one stage, a bad tensor).
-    """
-
-    max_batch_size: int = 16
-    max_model_len: int = 2048
-    max_prefill_tokens: int = 512
-    num_microbatches: int = 1
-    max_queued_requests: int = 256
-    step_timeout_s: float = 60.0
-    max_recoveries: int = 5
-    max_step_failures: int = 3
-
-
-@dataclass(frozen=True)
-class Replica:
-    """One replica of a stage on the data plane.
-
-    Attributes:
-        id: unique among all replicas.
-        stage: the stage's index in the pipeline.
-        address: its data-plane address.
-        num_slots: its KV cache slots (sequences it can hold).
-        draining: going away: no new sequences, running ones move elsewhere.
-    """
-
-    id: str
-    stage: int
-    address: str
-    num_slots: int
-    draining: bool = False
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One generation: a prompt, its sampling parameters, and the tokens so far."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    events: asyncio.Queue
-    index: int = 0
-    request_id: str = ""
-    prompt_logprobs: bool = False
-    generator: torch.Generator | None = None
-    output_ids: list[int] = field(default_factory=list)
-    prompt_logprob_values: list[tuple] = field(default_factory=list)  # (logprob, alternatives) per token
-    cumulative_logprob: float = 0.0
-    route: tuple[str, ...] | None = None  # replica ids, one per stage
-    slots: list[int] | None = None  # the sequence's KV cache slot on each replica of its route
-    num_cached: int = 0
-    in_flight: bool = False
-    step_failures: int = 0  # steps in a row that failed with this sequence on them
-    finish_reason: str | None = None
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
-    def num_pending(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids) - self.num_cached
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def needs_all_logits(self) -> bool:
-        return self.prompt_logprobs and self.num_cached < len(self.prompt_ids)
-
-
-@dataclass
-class Row:
-    """One sequence's part of a step: `num_new` of its pending tokens from `start`."""
-
-    seq: Sequence
-    start: int
-    num_new: int
-
-
-class Overloaded(Exception):
-    """The waiting queue is full."""
 
 
 class Engine:
@@ -159,18 +61,13 @@ class Engine:
         self.config = config
         self.num_stages = num_stages
         self.recover = recover
-        self.on_drained = on_drained
         self.metrics = metrics if metrics is not None else IngressMetrics(enabled=False)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.replicas: dict[str, Replica] = {}
-        self._free: dict[str, list[int]] = {}  # free slots of every replica a sequence may still hold
-        self._num_slots: dict[str, int] = {}
-        self._gone: set[str] = set()  # replicas whose process went away
-        self._released: set[str] = set()  # draining replicas told they hold nothing
+        self.pool = ReplicaPool(num_stages, on_drained)
+        self.scheduler = Scheduler(config, num_stages)
         self._wake = asyncio.Event()
         self._epoch = 0  # bumped by each recovery: results of older steps are dropped
-        self._last_kind: dict[tuple[str, ...], str] = {}
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {"steps": 0, "recoveries": 0, "tokens": 0, "moved": 0}
@@ -181,17 +78,16 @@ class Engine:
 
     # ---- replicas ----
 
+    @property
+    def replicas(self) -> dict[str, Replica]:
+        """The replicas that can be routed through now, by id."""
+        return self.pool.replicas
+
     def set_replicas(self, replicas: list[Replica]) -> None:
         """The replicas there are now (all stages). Sequences on one that is missing or draining
         move to another replica of its stage; a new one gets new sequences."""
-        self.replicas = {r.id: r for r in replicas if r.id not in self._gone}
-        for replica in self.replicas.values():
-            if replica.id not in self._free:
-                self._free[replica.id] = list(range(replica.num_slots))
-                self._num_slots[replica.id] = replica.num_slots
-                self.pipeline.watch(replica.address, lambda rid=replica.id: self._on_gone(rid))
-        self._forget_unused()
-        self._release_drained()
+        for replica in self.pool.set(replicas):
+            self.pipeline.watch(replica.address, lambda rid=replica.id: self._on_gone(rid))
         self._wake.set()
         if self.waiting or self.running:
             self._ensure_running()
@@ -204,50 +100,16 @@ class Engine:
             self._drop_replica(replica_id)
 
     def _drop_replica(self, replica_id: str) -> None:
-        self._gone.add(replica_id)
-        self.replicas.pop(replica_id, None)
+        self.pool.drop(replica_id)
         self._wake.set()
-
-    def _forget_unused(self) -> None:
-        for replica_id in list(self._free):
-            if replica_id not in self.replicas and len(self._free[replica_id]) == self._num_slots[replica_id]:
-                del self._free[replica_id], self._num_slots[replica_id]
-
-    def _release_drained(self) -> None:
-        for replica in self.replicas.values():
-            if (replica.draining and replica.id not in self._released
-                    and len(self._free[replica.id]) == replica.num_slots):
-                self._released.add(replica.id)
-                if self.on_drained is not None:
-                    self.on_drained(replica)
-
-    def _usable(self, replica_id: str) -> bool:
-        replica = self.replicas.get(replica_id)
-        return replica is not None and not replica.draining
-
-    def _best_replica(self, stage: int) -> str | None:
-        """The usable replica of `stage` with the most free slots."""
-        best = None
-        for replica in self.replicas.values():
-            if replica.stage == stage and not replica.draining and self._free[replica.id]:
-                if best is None or len(self._free[replica.id]) > len(self._free[best]):
-                    best = replica.id
-        return best
 
     def replica_load(self) -> list[dict]:
         """Each known replica, the sequences it holds, and its share of those waiting for a slot."""
-        usable = [0] * self.num_stages
-        for replica in self.replicas.values():
-            usable[replica.stage] += not replica.draining
-        return [{"id": r.id, "stage": r.stage, "address": r.address, "draining": r.draining,
-                 "sequences": r.num_slots - len(self._free[r.id]),
-                 "waiting": 0.0 if r.draining else len(self.waiting) / usable[r.stage]}
-                for r in sorted(self.replicas.values(), key=lambda r: (r.stage, r.id))]
+        return self.pool.load(len(self.waiting))
 
     def available(self) -> bool:
         """Every stage has a replica that takes sequences."""
-        stages = {r.stage for r in self.replicas.values() if not r.draining}
-        return len(stages) == self.num_stages
+        return self.pool.available()
 
     # ---- requests ----
 
@@ -277,16 +139,11 @@ class Engine:
             return
         if seq.route is not None:
             for replica_id, slot in zip(seq.route, seq.slots):
-                self._free_slot(replica_id, slot)
+                self.pool.free_slot(replica_id, slot)
             seq.route = seq.slots = None
         if seq in self.running:
             self.running.remove(seq)
-        self._forget_unused()
-        self._release_drained()
-
-    def _free_slot(self, replica_id: str, slot: int) -> None:
-        if replica_id in self._free:
-            heapq.heappush(self._free[replica_id], slot)
+        self.pool.tidy()
 
     @property
     def num_running(self) -> int:
@@ -295,11 +152,7 @@ class Engine:
     @property
     def num_free_slots(self) -> int:
         """Sequences that could start now: the free slots of the tightest stage."""
-        free = [0] * self.num_stages
-        for replica in self.replicas.values():
-            if not replica.draining:
-                free[replica.stage] += len(self._free[replica.id])
-        return min(free)
+        return self.pool.num_free_slots
 
     # ---- the loop ----
 
@@ -312,7 +165,7 @@ class Engine:
 
     def gone(self, replica_id: str) -> bool:
         """Whether a replica's process was seen to go away."""
-        return replica_id in self._gone
+        return replica_id in self.pool.gone
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
@@ -350,7 +203,7 @@ class Engine:
             busy: dict[tuple[str, ...], int] = {}
             for route in in_flight.values():
                 busy[route] = busy.get(route, 0) + 1
-            for route, rows in self._next_batches(busy):
+            for route, rows in self.scheduler.next_batches(self.running, set(self.replicas), busy):
                 in_flight[asyncio.create_task(self._step(route, rows, self._epoch))] = route
             if not in_flight and not self.waiting and not self.running:
                 return
@@ -367,74 +220,28 @@ class Engine:
                     await self._recover(failure, rows)
 
     def _admit(self) -> None:
-        while self.waiting:
-            route = [self._best_replica(stage) for stage in range(self.num_stages)]
-            if None in route:
-                return
-            seq = self.waiting.pop(0)
-            seq.route = tuple(route)
-            seq.slots = [heapq.heappop(self._free[replica_id]) for replica_id in route]
-            self.running.append(seq)
+        self.scheduler.admit(self.waiting, self.running, self.pool)
 
     def _move_off_unusable(self) -> None:
         """Moves sequences off replicas that are gone or draining, where another replica of the
         stage has room; the new route's caches are rebuilt by replay."""
+        pool = self.pool
         for seq in self.running:
             if seq.in_flight or seq.finished or seq.route is None:
                 continue
             route, slots = list(seq.route), list(seq.slots)
             for stage, replica_id in enumerate(route):
-                if self._usable(replica_id):
+                if pool.usable(replica_id):
                     continue
-                other = self._best_replica(stage)
+                other = pool.best(stage)
                 if other is None:
                     continue  # a draining replica goes on serving it; a gone one is waited for
-                self._free_slot(replica_id, slots[stage])
-                route[stage], slots[stage] = other, heapq.heappop(self._free[other])
+                pool.free_slot(replica_id, slots[stage])
+                route[stage], slots[stage] = other, pool.take_slot(other)
             if tuple(route) != seq.route:
                 seq.route, seq.slots, seq.num_cached = tuple(route), slots, 0
                 self.stats["moved"] += 1
-        self._forget_unused()
-        self._release_drained()
-
-    def _next_batches(self, busy: dict[tuple[str, ...], int]):
-        """Yields (route, rows) for every route with room for another step in flight."""
-        by_route: dict[tuple[str, ...], list[Sequence]] = {}
-        routes = {seq.route for seq in self.running}
-        self._last_kind = {route: kind for route, kind in self._last_kind.items() if route in routes}
-        for seq in self.running:
-            if (not seq.in_flight and not seq.finished and seq.num_pending > 0
-                    and all(replica_id in self.replicas for replica_id in seq.route)):
-                by_route.setdefault(seq.route, []).append(seq)
-        for route, ready in by_route.items():
-            for _ in range(busy.get(route, 0), self.config.num_microbatches):
-                rows = self._next_batch(route, [s for s in ready if not s.in_flight])
-                if not rows:
-                    break
-                for row in rows:  # claimed now: an abort before the task starts must keep the slot
-                    row.seq.in_flight = True
-                yield route, rows
-
-    def _next_batch(self, route: tuple[str, ...], ready: list[Sequence]) -> list[Row]:
-        prefill = [s for s in ready if s.num_pending > 1 or s.needs_all_logits]
-        decode = [s for s in ready if s not in prefill]
-        if prefill and (not decode or self._last_kind.get(route, "decode") == "decode"):
-            self._last_kind[route] = "prefill"
-            rows, budget = [], self.config.max_prefill_tokens
-            for seq in prefill:
-                if budget <= 0:
-                    break
-                num_new = min(seq.num_pending, budget)
-                rows.append(Row(seq, seq.num_cached, num_new))
-                budget -= num_new
-            return rows
-        if not decode:
-            return []
-        self._last_kind[route] = "decode"
-        # Split the route's running sequences evenly between the micro-batches.
-        on_route = sum(1 for s in self.running if s.route == route and not s.finished)
-        share = -(-on_route // self.config.num_microbatches)
-        return [Row(seq, seq.num_cached, 1) for seq in decode[:max(share, 1)]]
+        pool.tidy()
 
     async def _step(self, route: tuple[str, ...], rows: list[Row], epoch: int
                     ) -> tuple[Exception | None, list[Row]]:
@@ -502,20 +309,11 @@ class Engine:
         self.metrics.generated_tokens(sum(not isinstance(c, Exception) for c in choices))
 
     def _record_prompt_logprobs(self, seq: Sequence, row: Row, logits: torch.Tensor) -> None:
-        """(log-probability, alternatives) of each prompt token after the first, as the request's
-        `logprobs` asks (the first token has no context: (None, None))."""
         if not seq.prompt_logprob_values:
-            seq.prompt_logprob_values.append((None, None))
-        num_top = seq.params.logprobs or 0
-        logprobs = torch.log_softmax(logits[: row.num_new], dim=-1)
-        for offset in range(row.num_new):
-            position = row.start + offset + 1
-            if position < len(seq.prompt_ids) and len(seq.prompt_logprob_values) <= position:
-                top = None
-                if num_top:
-                    values, ids = torch.topk(logprobs[offset], num_top)
-                    top = list(zip(ids.tolist(), values.tolist()))
-                seq.prompt_logprob_values.append((float(logprobs[offset, seq.prompt_ids[position]]), top))
+            seq.prompt_logprob_values.append((None, None))  # the first token has no context
+        known = len(seq.prompt_logprob_values)
+        seq.prompt_logprob_values += prompt_logprobs(logits[: row.num_new], seq.prompt_ids, row.start,
+                                                     seq.params.logprobs or 0)[max(known - row.start - 1, 0):]
 
     def _append(self, seq: Sequence, choice: Choice) -> None:
         params = seq.params

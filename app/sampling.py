@@ -138,6 +138,29 @@ def logprob_choice(logits: torch.Tensor, token: int, num_top: int | None, needed
     return Choice(token, float(logprobs[token]), top)
 
 
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], start: int, num_top: int
+                    ) -> list[tuple[float, list[tuple[int, float]] | None]]:
+    """(log-probability, the `num_top` best alternatives or None) of each prompt token that the
+    logits of positions `start, start + 1, ...` predict (those past the prompt's end are left out).
+
+    Args:
+        logits: (T, V) logits of T consecutive positions from `start`.
+        prompt_ids: the prompt.
+        start: the position of the first row of `logits`.
+        num_top: alternatives to report (0: none).
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for offset in range(min(len(logits), len(prompt_ids) - start - 1)):
+        row, token = logprobs[offset], prompt_ids[start + offset + 1]
+        top = None
+        if num_top:
+            values, ids = torch.topk(row, num_top)
+            top = list(zip(ids.tolist(), values.tolist()))
+        out.append((float(row[token]), top))
+    return out
+
+
 def sample_one(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
                generator: torch.Generator | None) -> Choice:
     """Samples the next token of one row.

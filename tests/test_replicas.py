@@ -129,4 +129,4 @@ def test_a_replica_that_disappears_loses_no_token(checkpoint):
     outputs, seqs = run(model_dir, cluster, pipeline, engine, on_token)
     assert outputs == expected
     assert engine.stats["moved"] >= 1 and all(seq.route is None for seq in seqs)
-    assert removed[0] not in engine._free  # forgotten once nothing held a slot there
+    assert removed[0] not in engine.pool.free  # forgotten once nothing held a slot there

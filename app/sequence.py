@@ -1,0 +1,119 @@
+"""What the engine schedules: its limits, the stage replicas, the sequences and the rows of a step.
+
+Plain data: neither torch nor asyncio is imported (a sequence holds its client's queue and, when
+it samples, its generator, but nothing here uses them), so the scheduler is plain Python too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
+
+    import torch
+
+    from app.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the scheduler.
+
+    Attributes:
+        max_batch_size: sequences open at once (= KV cache slots per stage).
+        max_model_len: longest sequence, prompt + output.
+        max_prefill_tokens: prompt tokens per step; longer prompts are prefilled in chunks so
+            that running decodes are not stalled for long.
+        num_microbatches: steps in flight at once, each with its own share of the sequences.
+        max_queued_requests: sequences waiting for a slot before new requests get a 503.
+        step_timeout_s: a step that takes longer counts as failed (a hung stage).
+        max_recoveries: consecutive failed attempts to reach the stages again (the `recover`
+            callback raising) before every open sequence fails.
+        max_step_failures: steps in a row that may fail for one sequence, each followed by a
+            successful recovery and a replay, before that sequence fails (a step that fails every
+            time: an out-of-memory on one stage, a bad tensor).
+    """
+
+    max_batch_size: int = 16
+    max_model_len: int = 2048
+    max_prefill_tokens: int = 512
+    num_microbatches: int = 1
+    max_queued_requests: int = 256
+    step_timeout_s: float = 60.0
+    max_recoveries: int = 5
+    max_step_failures: int = 3
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One replica of a stage on the data plane.
+
+    Attributes:
+        id: unique among all replicas.
+        stage: the stage's index in the pipeline.
+        address: its data-plane address.
+        num_slots: its KV cache slots (sequences it can hold).
+        draining: going away: no new sequences, running ones move elsewhere.
+    """
+
+    id: str
+    stage: int
+    address: str
+    num_slots: int
+    draining: bool = False
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation: a prompt, its sampling parameters, and the tokens so far."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    events: asyncio.Queue
+    index: int = 0
+    request_id: str = ""
+    prompt_logprobs: bool = False
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    prompt_logprob_values: list[tuple] = field(default_factory=list)  # (logprob, alternatives) per token
+    cumulative_logprob: float = 0.0
+    route: tuple[str, ...] | None = None  # replica ids, one per stage
+    slots: list[int] | None = None  # the sequence's KV cache slot on each replica of its route
+    num_cached: int = 0
+    in_flight: bool = False
+    step_failures: int = 0  # steps in a row that failed with this sequence on them
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_cached
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def needs_all_logits(self) -> bool:
+        return self.prompt_logprobs and self.num_cached < len(self.prompt_ids)
+
+
+@dataclass
+class Row:
+    """One sequence's part of a step: `num_new` of its pending tokens from `start`."""
+
+    seq: Sequence
+    start: int
+    num_new: int
+
+
+class Overloaded(Exception):
+    """The waiting queue is full."""

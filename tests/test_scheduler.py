@@ -1,0 +1,111 @@
+"""The scheduler and the replica bookkeeping on their own: plain Python, no stage, no event loop."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+from app.replicas import ReplicaPool
+from app.sampling import SamplingParams
+from app.scheduler import Scheduler
+from app.sequence import EngineConfig, Replica, Sequence
+
+APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "app")
+
+
+def imported(module: str) -> set[str]:
+    """Top-level packages a module imports at run time (`if TYPE_CHECKING:` blocks left out)."""
+    tree = ast.parse(open(os.path.join(APP, module)).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            node.body = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_scheduler_is_plain_python():
+    for module in ("scheduler.py", "replicas.py", "sequence.py"):
+        assert not imported(module) & {"torch", "asyncio", "ray"}, module
+
+
+def seq(num_prompt: int) -> Sequence:
+    return Sequence(list(range(1, num_prompt + 1)), SamplingParams(max_tokens=8), events=None)
+
+
+def pool_of(*replicas: Replica, drained=None) -> ReplicaPool:
+    pool = ReplicaPool(2, on_drained=drained)
+    assert pool.set(list(replicas)) == list(replicas)  # all new: the engine watches them
+    return pool
+
+
+def test_admission_takes_the_replica_with_the_most_free_slots_and_stops_when_a_stage_is_full():
+    pool = pool_of(Replica("a0", 0, "x:1", 2), Replica("b0", 0, "x:2", 3), Replica("a1", 1, "x:3", 2))
+    scheduler = Scheduler(EngineConfig(), 2)
+    waiting, running = [seq(3) for _ in range(4)], []
+    scheduler.admit(waiting, running, pool)
+    assert [s.route for s in running] == [("b0", "a1"), ("a0", "a1")]  # stage 1 holds two
+    assert [s.slots for s in running] == [[0, 0], [0, 1]]
+    assert len(waiting) == 2 and pool.num_free_slots == 0
+    pool.free_slot("a1", 1)
+    scheduler.admit(waiting, running, pool)
+    assert running[-1].route == ("b0", "a1") and len(waiting) == 1
+
+
+def test_prefill_is_chunked_to_the_budget_and_alternates_with_decode():
+    pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
+    scheduler = Scheduler(EngineConfig(max_prefill_tokens=5), 2)
+    decoding, long = seq(3), seq(12)
+    running, waiting = [], [decoding, long]
+    scheduler.admit(waiting, running, pool)
+    decoding.num_cached, decoding.output_ids = 3, [7]  # prefilled, one token sampled
+    present = {"a0", "a1"}
+
+    def step() -> list[tuple[int, int]]:
+        [(route, rows)] = list(scheduler.next_batches(running, present, {}))
+        for row in rows:  # the step completes: its tokens are cached
+            row.seq.in_flight = False
+            row.seq.num_cached = row.start + row.num_new
+            if row.seq is decoding:
+                decoding.output_ids.append(7)
+        return [(running.index(row.seq), row.num_new) for row in rows]
+
+    assert step() == [(1, 5)]  # prefill first (the decode row waited last)
+    assert step() == [(0, 1)]  # then decode
+    assert step() == [(1, 5)]
+    assert step() == [(0, 1)]
+    assert step() == [(1, 2)]  # the rest of the prompt
+    # Nothing is scheduled through a replica that cannot be reached.
+    assert list(scheduler.next_batches(running, {"a0"}, {})) == []
+
+
+def test_micro_batches_share_the_decoding_sequences_of_a_route():
+    pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
+    scheduler = Scheduler(EngineConfig(num_microbatches=2), 2)
+    running, waiting = [], [seq(2) for _ in range(5)]
+    scheduler.admit(waiting, running, pool)
+    for s in running:
+        s.num_cached, s.output_ids = 2, [9]
+    batches = list(scheduler.next_batches(running, {"a0", "a1"}, {}))
+    assert [len(rows) for _, rows in batches] == [3, 2]
+    assert all(s.in_flight for s in running)  # claimed until their step returns
+    assert list(scheduler.next_batches(running, {"a0", "a1"}, {("a0", "a1"): 2})) == []
+
+
+def test_a_draining_replica_is_released_once_it_holds_nothing_and_a_gone_one_forgotten():
+    released = []
+    pool = pool_of(Replica("a0", 0, "x:1", 2), Replica("a1", 1, "x:2", 2), drained=released.append)
+    slot = pool.take_slot("a1")
+    pool.set([Replica("a0", 0, "x:1", 2), Replica("a1", 1, "x:2", 2, draining=True)])
+    assert released == [] and pool.best(1) is None and not pool.available()
+    pool.free_slot("a1", slot)
+    pool.tidy()
+    assert [r.id for r in released] == ["a1"]
+    pool.drop("a0")
+    pool.tidy()
+    assert "a0" not in pool.replicas and "a0" not in pool.free  # it held nothing
+    assert pool.set([Replica("a0", 0, "x:1", 2)]) == []  # a gone replica does not come back
