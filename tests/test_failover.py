@@ -21,11 +21,17 @@ NUM_STREAMS, NUM_TOKENS = 4, 160
 PROMPTS = ["the quick brown fox", "music of the river", "a stone garden at night", "the city of Paris"]
 
 
-def replica_pid(name: str) -> int:
-    out = subprocess.run(["pgrep", "-f", f"ray::ServeReplica:stagewise:{name}"], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split()]
-    assert len(pids) == 1, (name, pids)
-    return pids[0]
+def replica_pid(name: str, timeout: float = 30) -> int:
+    """The pid of the stage's one replica process (waiting for a killed one to be gone: a process
+    killed a moment ago can still be listed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(["pgrep", "-f", f"ray::ServeReplica:stagewise:{name}"], capture_output=True, text=True)
+        pids = [int(p) for p in out.stdout.split()]
+        if len(pids) == 1 or time.monotonic() > deadline:
+            assert len(pids) == 1, (name, pids)
+            return pids[0]
+        time.sleep(0.2)
 
 
 def run_streams(server: ServeRun) -> list[tuple[list[str], float]]:
