@@ -1,0 +1,134 @@
+"""The KV cache blocks of one stage replica, as the scheduler keeps them: a fixed pool, block tables,
+and automatic prefix caching (vLLM's design, in plain Python).
+
+A replica's cache is `num_blocks` blocks of `block_size` tokens, allocated once when the stage
+starts. A sequence holds a table of blocks per replica of its route, taken as its tokens arrive.
+A block that a sequence has filled is keyed by the hash of its token chain (the hash of the block
+before it and its own tokens), so that a later sequence whose prompt starts with the same tokens
+takes the same blocks instead of computing them again (reference-counted). Freed blocks that hold
+a cached prefix stay findable until the pool needs them; the least recently used go first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+def chain_hashes(tokens: list[int], block_size: int) -> list[int]:
+    """The chain hash of every full block of `tokens`."""
+    hashes, parent = [], None
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = hash((parent, tuple(tokens[start:start + block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass
+class BlockTable:
+    """One sequence's blocks on one replica: `blocks[i]` holds its tokens `i*block_size ...`."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks registered in (or taken from) the prefix cache
+
+
+class BlockPool:
+    """Free, used and cached blocks of one replica.
+
+    Args:
+        num_blocks: blocks in the replica's cache.
+        block_size: tokens per block.
+        prefix_caching: key full blocks by their token chain and share them.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("a pool needs at least one block of at least one token")
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self._refs = [0] * num_blocks
+        self._hash_of: list[int | None] = [None] * num_blocks
+        self._by_hash: dict[int, int] = {}
+        # Free blocks, least recently used first: a cached one is evicted only when needed.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hits = self.queries = 0  # prefix cache: blocks found / blocks looked for
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be taken now (cached ones included: they are evicted when taken)."""
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks that hold a cached prefix, used or free."""
+        return len(self._by_hash)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match(self, tokens: list[int], table: BlockTable) -> int:
+        """Takes the cached blocks that `tokens` starts with into an empty `table`; returns the
+        tokens they hold. At least the last token is always left to compute (its logits are
+        needed), so a prompt cached whole gives up its last block."""
+        if not self.prefix_caching or table.blocks:
+            return 0
+        hashes = chain_hashes(tokens[:-1], self.block_size)
+        self.queries += len(hashes)
+        for chain in hashes:
+            block = self._by_hash.get(chain)
+            if block is None:
+                break
+            self._take(block)
+            table.blocks.append(block)
+        table.num_cached_blocks = len(table.blocks)
+        self.hits += len(table.blocks)
+        return len(table.blocks) * self.block_size
+
+    def grow(self, table: BlockTable, num_tokens: int) -> bool:
+        """Adds blocks to `table` until it holds `num_tokens`; False (nothing taken) when the pool
+        has too few free blocks."""
+        needed = self.blocks_for(num_tokens) - len(table.blocks)
+        if needed <= 0:
+            return True
+        if needed > len(self._free):
+            return False
+        for _ in range(needed):
+            block = next(iter(self._free))
+            self._evict(block)
+            self._take(block)
+            table.blocks.append(block)
+        return True
+
+    def cache_full_blocks(self, table: BlockTable, tokens: list[int]) -> None:
+        """Registers the blocks of `table` that `tokens` (all computed) now fill, by chain hash."""
+        if not self.prefix_caching:
+            return
+        hashes = chain_hashes(tokens, self.block_size)
+        for index in range(table.num_cached_blocks, min(len(hashes), len(table.blocks))):
+            block, chain = table.blocks[index], hashes[index]
+            if chain not in self._by_hash:  # else an equal block is cached already: this one stays private
+                self._by_hash[chain], self._hash_of[block] = block, chain
+        table.num_cached_blocks = max(table.num_cached_blocks, min(len(hashes), len(table.blocks)))
+
+    def release(self, table: BlockTable) -> None:
+        """Gives back every block of `table` (last block first, so that a prefix's head is evicted
+        last) and empties it."""
+        for block in reversed(table.blocks):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None  # most recently used: evicted last
+        table.blocks.clear()
+        table.num_cached_blocks = 0
+
+    def _take(self, block: int) -> None:
+        self._refs[block] += 1
+        self._free.pop(block, None)
+
+    def _evict(self, block: int) -> None:
+        chain = self._hash_of[block]
+        if chain is not None:
+            del self._by_hash[chain]
+            self._hash_of[block] = None

@@ -1,0 +1,66 @@
+"""The KV block pool of a replica as the scheduler keeps it: plain Python."""
+
+from __future__ import annotations
+
+from app.blocks import BlockPool, BlockTable, chain_hashes
+
+
+def test_blocks_are_taken_as_tokens_arrive_and_never_beyond_the_pool():
+    pool = BlockPool(num_blocks=4, block_size=4)
+    a, b = BlockTable(), BlockTable()
+    assert pool.grow(a, 5) and len(a.blocks) == 2  # 5 tokens: 2 blocks
+    assert pool.grow(a, 8) and len(a.blocks) == 2  # still fit
+    assert pool.grow(a, 9) and len(a.blocks) == 3
+    assert not pool.grow(b, 8) and b.blocks == []  # 2 needed, 1 free: nothing taken
+    assert pool.grow(b, 4) and pool.num_free == 0
+    pool.release(a)
+    assert a.blocks == [] and pool.num_free == 3 and pool.num_used == 1
+
+
+def test_a_shared_prefix_is_computed_once_and_freed_blocks_stay_findable_until_needed():
+    pool = BlockPool(num_blocks=6, block_size=4)
+    system = list(range(100, 110))  # 10 tokens: 2 full blocks and 2 more tokens
+    first, second = BlockTable(), BlockTable()
+    assert pool.match(system + [1, 2, 3], first) == 0
+    assert pool.grow(first, 13)
+    pool.cache_full_blocks(first, system + [1, 2, 3])
+    assert pool.num_cached == 3  # 12 of its 13 tokens fill 3 blocks
+    # Another request with the same system prompt takes its 2 full blocks.
+    assert pool.match(system + [7, 8], second) == 8
+    assert second.blocks == first.blocks[:2]
+    assert pool.grow(second, 12) and len(second.blocks) == 3 and second.blocks[2] != first.blocks[2]
+    pool.release(first)
+    pool.release(second)
+    assert pool.num_free == 6 and pool.num_cached == 3
+    third = BlockTable()
+    assert pool.match(system + [1, 2, 3, 4], third) == 12  # still cached after both left
+    assert pool.hits == 5 and pool.queries == 8  # 3 + 2 + 3 full blocks looked for
+
+
+def test_a_prompt_cached_whole_recomputes_its_last_block_and_eviction_is_least_recently_used():
+    pool = BlockPool(num_blocks=3, block_size=2)
+    tokens = [1, 2, 3, 4]
+    a = BlockTable()
+    pool.grow(a, 4)
+    pool.cache_full_blocks(a, tokens)
+    pool.release(a)
+    b = BlockTable()
+    assert pool.match(tokens, b) == 2  # the last token's logits are needed: its block is computed again
+    pool.release(b)
+    # Three blocks to take: the cached ones go, the last-freed (least useful: a prefix's tail) first.
+    c = BlockTable()
+    assert pool.grow(c, 6) and pool.num_cached == 0
+    assert pool.match(tokens, BlockTable()) == 0
+
+
+def test_without_prefix_caching_nothing_is_shared():
+    pool = BlockPool(num_blocks=4, block_size=2, prefix_caching=False)
+    a, b = BlockTable(), BlockTable()
+    pool.grow(a, 4)
+    pool.cache_full_blocks(a, [1, 2, 3, 4])
+    assert pool.num_cached == 0 and pool.match([1, 2, 3, 4, 5], b) == 0
+
+
+def test_chain_hashes_depend_on_everything_before():
+    assert chain_hashes([1, 2, 3, 4, 5], 2)[1] != chain_hashes([9, 9, 3, 4], 2)[1]
+    assert len(chain_hashes([1, 2, 3], 2)) == 1
