@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from stages.architecture import Architecture, describe
-from stages.kv_cache import KVCache, StepRows
+from stages.paged import ATTENTION, PagedKVCache, PagedRows
 from stages.loading import (Conversion, checkpoint_layout, convert, iter_converted_slices, iter_tensors,
                             load_tensors, read_rows, weight_map)
 from stages.packed import PackedLinear, can_pack
@@ -65,15 +65,15 @@ class Stage(nn.Module):
         end: one past the last block; `end == num_hidden_layers` makes this the last stage.
         dtype: compute and storage dtype.
         device: where the weights and cache live ("cpu", "cuda", ...).
-        num_slots: sequences that can be open at once (cache slots).
-        max_len: longest sequence, prompt + output, in tokens; defaults to the model's limit.
+        num_blocks: KV cache blocks (the pool, allocated once).
+        block_size: tokens per block.
         quantization: None/"none" keeps every weight at `dtype`; "int8" or "nf4" quantizes the
             weight matrices of the blocks with bitsandbytes, as transformers'
             `BitsAndBytesConfig` does (embeddings, norms and head stay at `dtype`).
     """
 
     def __init__(self, model_dir: str, start: int, end: int, *, dtype: str | torch.dtype = "float32",
-                 device: str | torch.device = "cpu", num_slots: int = 16, max_len: int | None = None,
+                 device: str | torch.device = "cpu", num_blocks: int = 256, block_size: int = 16,
                  quantization: str | None = None):
         super().__init__()
         began = time.monotonic()
@@ -106,9 +106,8 @@ class Stage(nn.Module):
         del model
         self.to(self.device)
 
-        max_len = max_len or getattr(self.config, "max_position_embeddings", None) or 2048
         num_kv_heads, head_dim = kv_shape(self.config)
-        self.cache = KVCache(start, end, num_slots, max_len, num_kv_heads, head_dim, self.dtype, self.device)
+        self.cache = PagedKVCache(start, end, num_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device)
         logger.info("stage [%d, %d) of %s loaded: %.1f MiB of weights in %.1f s", start, end, model_dir,
                     self.weight_bytes() / 2**20, time.monotonic() - began)
 
@@ -190,16 +189,16 @@ class Stage(nn.Module):
         return total
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, num_new: torch.Tensor,
+    def forward(self, inputs: torch.Tensor, tables: list[list[int]], starts: list[int], num_new: list[int],
                 all_logits: bool = False) -> torch.Tensor:
         """Runs one batched step through the stage's blocks.
 
         Args:
             inputs: token ids (B, T) on the first stage, hidden states (B, T, C) on the others;
                 rows are right-padded to the longest.
-            slots: (B,) cache slot of each row.
-            starts: (B,) position of each row's first new token.
-            num_new: (B,) real new tokens of each row.
+            tables: each row's KV cache blocks, in order (enough for `starts + num_new` tokens).
+            starts: position of each row's first new token.
+            num_new: real new tokens of each row.
             all_logits: on the last stage, return logits at every position, not just the last.
 
         Returns:
@@ -207,12 +206,13 @@ class Stage(nn.Module):
             real token, or (B, T, V) with `all_logits`.
         """
         width = inputs.shape[1]
-        slots, starts, num_new = (t.to(torch.long).cpu() for t in (slots, starts, num_new))
-        rows = StepRows.build(slots, starts, num_new, width)
+        starts, num_new = [int(s) for s in starts], [int(n) for n in num_new]
+        rows = PagedRows.build(tables, starts, num_new, width, self.cache.block_size)
         self.cache.begin_step(rows)
         # Padding repeats a row's last real position, which keeps learned/rotary tables in range.
-        offsets = torch.minimum(torch.arange(width)[None, :], (num_new - 1)[:, None])
-        positions = (starts[:, None] + offsets).to(self.device)  # (B, T)
+        new = torch.tensor(num_new)
+        offsets = torch.minimum(torch.arange(width)[None, :], (new - 1)[:, None])
+        positions = (torch.tensor(starts)[:, None] + offsets).to(self.device)  # (B, T)
 
         inputs = inputs.to(self.device)
         if self.is_first:
@@ -221,33 +221,19 @@ class Stage(nn.Module):
                 hidden = hidden + self.position_embed(positions)
         else:
             hidden = inputs.to(self.dtype)
-        masks = self._masks(positions, rows.length)
         position_embeddings = self.rotary(hidden, positions) if self.rotary is not None else None
-        for index, block in zip(range(self.start, self.end), self.blocks):
-            out = block(hidden, attention_mask=masks[self.arch.sliding[index]], position_ids=positions,
-                        use_cache=True, position_embeddings=position_embeddings, **{self.arch.cache_arg: self.cache})
+        for block in self.blocks:
+            out = block(hidden, attention_mask=None, position_ids=positions, use_cache=True,
+                        position_embeddings=position_embeddings, paged_rows=rows, paged_windows=self.arch.sliding,
+                        **{self.arch.cache_arg: self.cache})
             hidden = out[0] if isinstance(out, tuple) else out
         if not self.is_last:
             return hidden
         if not all_logits:
-            hidden = hidden[torch.arange(hidden.shape[0]), (num_new - 1).to(self.device)]  # (B, C)
+            hidden = hidden[torch.arange(hidden.shape[0]), (new - 1).to(self.device)]  # (B, C)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         return self.head(hidden).float()
-
-    def _masks(self, positions: torch.Tensor, length: int) -> dict[int | None, torch.Tensor]:
-        """Additive masks (B, 1, T, length) for each attention pattern the stage's blocks use."""
-        keys = torch.arange(length, device=self.device)[None, None, :]  # (1, 1, L)
-        queries = positions[:, :, None]  # (B, T, 1)
-        neg = torch.finfo(self.dtype).min
-        masks = {}
-        for window in set(self.arch.sliding[self.start:self.end]):
-            visible = keys <= queries
-            if window is not None:
-                visible &= keys > queries - window
-            zero = torch.zeros((), dtype=self.dtype, device=self.device)
-            masks[window] = torch.where(visible, zero, neg)[:, None]
-        return masks
 
 
 def meta_model(config, dtype: torch.dtype) -> nn.Module:
@@ -257,7 +243,7 @@ def meta_model(config, dtype: torch.dtype) -> nn.Module:
     __init__ and are not in checkpoints.
     """
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION, dtype=dtype)
     return model.eval()
 
 

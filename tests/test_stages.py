@@ -28,19 +28,32 @@ def reference(model_dir: str, prompt_ids: list[int], num_tokens: int) -> list[in
     return out[0, len(prompt_ids):].tolist()
 
 
-def step(stages: list[Stage], inputs, slots, starts, num_new) -> torch.Tensor:
+BLOCK = 4  # tokens per KV block in these tests: small, so that contexts span many blocks
+
+
+def contiguous(slot: int):
+    """A sequence's blocks in one run: 16 blocks from `slot * 16`."""
+    return lambda length: [slot * 16 + i for i in range(-(-length // BLOCK))]
+
+
+def interleaved(seq: int, num_seqs: int = 3):
+    """A sequence's blocks scattered among the others' (every block its own run)."""
+    return lambda length: [seq + num_seqs * i for i in range(-(-length // BLOCK))]
+
+
+def step(stages: list[Stage], inputs, tables, starts, num_new) -> torch.Tensor:
     """One batched step through the chained stages; returns the last stage's logits."""
-    tensors = [torch.tensor(v) for v in (slots, starts, num_new)]
     for stage in stages:
-        inputs = stage(inputs, *tensors)
+        inputs = stage(inputs, tables, starts, num_new)
     return inputs
 
 
-def greedy(stages: list[Stage], prompt_ids: list[int], num_tokens: int, slot: int = 0) -> list[int]:
-    logits = step(stages, torch.tensor([prompt_ids]), [slot], [0], [len(prompt_ids)])
+def greedy(stages: list[Stage], prompt_ids: list[int], num_tokens: int, blocks=contiguous(0)) -> list[int]:
+    logits = step(stages, torch.tensor([prompt_ids]), [blocks(len(prompt_ids))], [0], [len(prompt_ids)])
     out = [int(logits[0].argmax())]
     for _ in range(num_tokens - 1):
-        logits = step(stages, torch.tensor([[out[-1]]]), [slot], [len(prompt_ids) + len(out) - 1], [1])
+        length = len(prompt_ids) + len(out)
+        logits = step(stages, torch.tensor([[out[-1]]]), [blocks(length)], [length - 1], [1])
         out.append(int(logits[0].argmax()))
     return out
 
@@ -52,8 +65,9 @@ def test_chained_stages_match_transformers(checkpoint, arch, num_stages):
     prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
     # 32 new tokens cross Mistral's 24-token sliding window.
     expected = reference(model_dir, prompt_ids, 32)
-    stages = [Stage(model_dir, start, end, num_slots=2) for start, end in SPLITS[num_stages]]
+    stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK) for start, end in SPLITS[num_stages]]
     assert greedy(stages, prompt_ids, 32) == expected
+    assert greedy(stages, prompt_ids, 32, interleaved(1)) == expected  # each block its own run
 
 
 @pytest.mark.parametrize("num_stages", [2, 3])
@@ -64,11 +78,11 @@ def test_batched_rows_of_different_lengths_match_each_alone(checkpoint, num_stag
     prompts = [tokenizer(p).input_ids for p in
                ("the city", "a quick brown fox jumps over the lazy dog", "music of the river and stone garden at night")]
     alone = [reference(model_dir, p, 12) for p in prompts]
-    stages = [Stage(model_dir, start, end, num_slots=8) for start, end in SPLITS[num_stages]]
+    stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK) for start, end in SPLITS[num_stages]]
     # slot, prompt, tokens so far; sequence 0 starts alone, 1 and 2 join at steps 3 and 5
     # (in one padded prefill batch with 0's decode), and 0 leaves after 12 tokens.
     running: dict[int, list[int]] = {}
-    slots = {0: 5, 1: 2, 2: 7}
+    tables = {0: interleaved(0), 1: contiguous(2), 2: interleaved(2)}
     outputs = {i: [] for i in range(3)}
     joins = {0: [0], 3: [1], 5: [2]}
     for t in range(20):
@@ -82,8 +96,8 @@ def test_batched_rows_of_different_lengths_match_each_alone(checkpoint, num_stag
             continue
         width = max(len(tokens) for _, tokens, _ in batch)
         inputs = torch.tensor([tokens + [0] * (width - len(tokens)) for _, tokens, _ in batch])
-        logits = step(stages, inputs, [slots[i] for i, _, _ in batch], [s for _, _, s in batch],
-                      [len(tokens) for _, tokens, _ in batch])
+        logits = step(stages, inputs, [tables[i](s + len(tokens)) for i, tokens, s in batch],
+                      [s for _, _, s in batch], [len(tokens) for _, tokens, _ in batch])
         for row, (i, _, _) in enumerate(batch):
             outputs[i].append(int(logits[row].argmax()))
             running[i] = outputs[i]
@@ -158,7 +172,7 @@ def test_float_stages_pack_their_linear_layers_and_quantized_ones_do_not(checkpo
     assert type(nf4.head) is torch.nn.Linear
     # the packed stage computes what the unpacked one does
     hidden = torch.randn(1, 4, last.config.hidden_size)
-    args = (torch.tensor([0]), torch.tensor([0]), torch.tensor([4]))
+    args = ([[0]], [0], [4])
     monkeypatch.setattr("stages.stage.can_pack", lambda device, dtype: False)
     plain = Stage(model_dir, 3, 6)
     assert type(plain.head) is torch.nn.Linear

@@ -1,0 +1,167 @@
+"""A stage's KV cache as a fixed pool of blocks, and attention that reads the blocks in place.
+
+The pool of each block (layer) is one tensor `(1, kv_heads, num_blocks * block_size, head_dim)`,
+allocated once. A step gives each row a block table (physical blocks in logical order); the new
+keys and values are written where the table says, and attention reads each row's context as
+views of the pool: one view per run of physically consecutive blocks (a sequence's blocks are
+usually one run; a shared prefix and the private rest make two). Runs are combined with their
+log-sum-exp, the way flash attention combines tiles, so no step copies a context.
+
+The attention function is registered with transformers' `AttentionInterface` as "stagewise", so
+transformers' own attention modules (projections, rotary, norms) run unchanged and call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION = "stagewise"
+
+
+@dataclass(frozen=True)
+class PagedRows:
+    """Where one step's tokens go in the pool and what each row reads.
+
+    Attributes:
+        starts: (B,) position of each row's first new token.
+        num_new: (B,) real new tokens of each row (rows are right-padded to the longest).
+        write_index: (N,) flat pool position of each real new token, in row order.
+        valid: (B, T) True where a token is real, None when every one is.
+        runs: per row, (flat start, flat end, first logical position) of each run of consecutive
+            blocks that holds its tokens `0 .. starts + num_new`.
+    """
+
+    starts: list[int]
+    num_new: list[int]
+    write_index: torch.Tensor
+    valid: torch.Tensor | None
+    runs: list[list[tuple[int, int, int]]]
+
+    @classmethod
+    def build(cls, tables: list[list[int]], starts: list[int], num_new: list[int], width: int,
+              block_size: int) -> PagedRows:
+        write, runs = [], []
+        for table, start, new in zip(tables, starts, num_new):
+            length = start + new
+            if -(-length // block_size) > len(table):
+                raise ValueError(f"a row of {length} tokens needs more than its {len(table)} blocks")
+            write += [table[p // block_size] * block_size + p % block_size for p in range(start, length)]
+            row_runs: list[tuple[int, int, int]] = []
+            for logical in range(0, length, block_size):
+                flat = table[logical // block_size] * block_size
+                end = flat + min(block_size, length - logical)
+                if row_runs and row_runs[-1][1] == flat:
+                    row_runs[-1] = (row_runs[-1][0], end, row_runs[-1][2])
+                else:
+                    row_runs.append((flat, end, logical))
+            runs.append(row_runs)
+        valid = torch.arange(width)[None, :] < torch.tensor(num_new)[:, None]
+        return cls(list(starts), list(num_new), torch.tensor(write, dtype=torch.long),
+                   None if bool(valid.all()) else valid, runs)
+
+
+class PagedKVCache:
+    """Keys and values of the blocks `[start, end)` in a pool of `num_blocks` blocks.
+
+    Follows the `update(key, value, layer_idx, ...)` protocol of transformers' `Cache`; the
+    "stagewise" attention function reads what `update` wrote through the step's `PagedRows`.
+    """
+
+    def __init__(self, start: int, end: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.start, self.end = start, end
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (1, num_kv_heads, num_blocks * block_size, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(start, end)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(start, end)]
+        self.rows: PagedRows | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def begin_step(self, rows: PagedRows) -> None:
+        self.rows = rows
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Writes the step's new keys/values (B, H, T, D) into the pool; returns the layer's pool."""
+        rows, k_pool, v_pool = self.rows, self.keys[layer_idx - self.start], self.values[layer_idx - self.start]
+        new_k, new_v = key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
+        if rows.valid is not None:
+            new_k, new_v = new_k[rows.valid], new_v[rows.valid]
+        else:
+            new_k, new_v = new_k.reshape(-1, *new_k.shape[2:]), new_v.reshape(-1, *new_v.shape[2:])
+        k_pool[0, :, rows.write_index] = new_k.transpose(0, 1).to(k_pool.dtype)
+        v_pool[0, :, rows.write_index] = new_v.transpose(0, 1).to(v_pool.dtype)
+        return k_pool, v_pool
+
+
+def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+    visible = keys[None, :] <= queries[:, None]
+    if window is not None:
+        visible &= keys[None, :] > queries[:, None] - window
+    return visible
+
+
+def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                    scaling: float | None = None, dropout: float = 0.0, *, paged_rows: PagedRows,
+                    paged_windows: tuple[int | None, ...] = (), softcap: float | None = None, **kwargs):
+    """Attention of each row over its blocks in the pool.
+
+    Args:
+        query: (B, Hq, T, D) queries of the step's new tokens.
+        key, value: the layer's pool (1, H, P, D), as `PagedKVCache.update` returns it.
+        attention_mask: unused (each row's causal and window limits come from its positions).
+        scaling: the softmax scale (None: 1/sqrt(D)).
+        paged_rows: the step's rows (passed down from the stage's forward).
+        paged_windows: per block (global index), its sliding window or None (full causal).
+        softcap: Gemma 2's logit soft cap, or None.
+
+    Returns:
+        ((B, T, Hq, D) outputs, None), as transformers' attention functions return them.
+    """
+    window = paged_windows[module.layer_idx] if paged_windows else None
+    num_rows, num_heads, width, dim = query.shape
+    groups = num_heads // key.shape[1]
+    scale = scaling if scaling is not None else dim ** -0.5
+    out = query.new_zeros(num_rows, width, num_heads, dim)
+    for b, (start, new, runs) in enumerate(zip(paged_rows.starts, paged_rows.num_new, paged_rows.runs)):
+        q = query[b:b + 1, :, :new]  # (1, Hq, T_b, D)
+        positions = torch.arange(start, start + new, device=query.device)
+        first = 0 if window is None else max(0, start - window + 1)  # the first query's first key
+        parts = [(fs + max(first - logical, 0), fe, max(logical, first)) for fs, fe, logical in runs
+                 if logical + (fe - fs) > first]
+        if len(parts) == 1 and softcap is None:
+            fs, fe, logical = parts[0]
+            mask = None  # one new token sees every key of its (window-trimmed) run
+            if new > 1:
+                mask = _visible(positions, torch.arange(logical, logical + fe - fs, device=query.device), window)
+            o = F.scaled_dot_product_attention(q, key[:, :, fs:fe], value[:, :, fs:fe], attn_mask=mask, scale=scale,
+                                               enable_gqa=groups > 1)
+            out[b, :new] = o[0].transpose(0, 1)
+            continue
+        # Several runs: each run's softmax numerator and log-sum-exp, combined.
+        qg = q[0].reshape(key.shape[1], groups * new, dim).float() * scale  # (H, g*T, D)
+        total, lse = None, None
+        for fs, fe, logical in parts:
+            scores = torch.matmul(qg, key[0, :, fs:fe].transpose(1, 2).float())  # (H, g*T, L)
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            visible = _visible(positions, torch.arange(logical, logical + fe - fs, device=query.device), window)
+            scores = scores.masked_fill(~visible.repeat(groups, 1)[None], float("-inf"))
+            run_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (H, g*T, 1)
+            run_out = torch.matmul(torch.exp(scores - run_lse).nan_to_num(0.0), value[0, :, fs:fe].float())
+            if total is None:
+                total, lse = run_out, run_lse
+            else:
+                merged = torch.logaddexp(lse, run_lse)
+                total = total * torch.exp(lse - merged).nan_to_num(0.0) + run_out * torch.exp(run_lse - merged).nan_to_num(0.0)
+                lse = merged
+        out[b, :new] = total.reshape(num_heads, new, dim).transpose(0, 1).to(query.dtype)
+    return out, None
+
+
+AttentionInterface.register(ATTENTION, paged_attention)
