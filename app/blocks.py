@@ -30,6 +30,7 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks registered in (or taken from) the prefix cache
+    last_hash: int | None = None  # the chain hash of block `num_cached_blocks - 1`
 
 
 class BlockPool:
@@ -62,6 +63,11 @@ class BlockPool:
         return self.num_blocks - len(self._free)
 
     @property
+    def tokens(self) -> int:
+        """Tokens the whole pool holds."""
+        return self.num_blocks * self.block_size
+
+    @property
     def num_cached(self) -> int:
         """Blocks that hold a cached prefix, used or free."""
         return len(self._by_hash)
@@ -83,9 +89,20 @@ class BlockPool:
                 break
             self._take(block)
             table.blocks.append(block)
+            table.last_hash = chain
         table.num_cached_blocks = len(table.blocks)
         self.hits += len(table.blocks)
         return len(table.blocks) * self.block_size
+
+    def truncate(self, table: BlockTable, num_blocks: int) -> None:
+        """Gives back the blocks of `table` past the first `num_blocks` (those hold no token yet, or
+        cached ones another replica of the route lacks)."""
+        extra = BlockTable(table.blocks[num_blocks:])
+        del table.blocks[num_blocks:]
+        if table.num_cached_blocks > num_blocks:
+            table.num_cached_blocks = num_blocks
+            table.last_hash = self._hash_of[table.blocks[-1]] if table.blocks else None
+        self.release(extra)
 
     def grow(self, table: BlockTable, num_tokens: int) -> bool:
         """Adds blocks to `table` until it holds `num_tokens`; False (nothing taken) when the pool
@@ -103,15 +120,18 @@ class BlockPool:
         return True
 
     def cache_full_blocks(self, table: BlockTable, tokens: list[int]) -> None:
-        """Registers the blocks of `table` that `tokens` (all computed) now fill, by chain hash."""
+        """Registers the blocks of `table` that `tokens` (all computed) have filled since the last
+        call, by chain hash."""
         if not self.prefix_caching:
             return
-        hashes = chain_hashes(tokens, self.block_size)
-        for index in range(table.num_cached_blocks, min(len(hashes), len(table.blocks))):
-            block, chain = table.blocks[index], hashes[index]
-            if chain not in self._by_hash:  # else an equal block is cached already: this one stays private
+        size, full = self.block_size, min(len(tokens) // self.block_size, len(table.blocks))
+        for index in range(table.num_cached_blocks, full):
+            chain = hash((table.last_hash, tuple(tokens[index * size:(index + 1) * size])))
+            block = table.blocks[index]
+            if chain not in self._by_hash and self._hash_of[block] is None:
                 self._by_hash[chain], self._hash_of[block] = block, chain
-        table.num_cached_blocks = max(table.num_cached_blocks, min(len(hashes), len(table.blocks)))
+            table.last_hash = chain  # an equal block cached already: this one stays private
+        table.num_cached_blocks = max(table.num_cached_blocks, full)
 
     def release(self, table: BlockTable) -> None:
         """Gives back every block of `table` (last block first, so that a prefix's head is evicted
@@ -121,7 +141,7 @@ class BlockPool:
             if self._refs[block] == 0:
                 self._free[block] = None  # most recently used: evicted last
         table.blocks.clear()
-        table.num_cached_blocks = 0
+        table.num_cached_blocks, table.last_hash = 0, None
 
     def _take(self, block: int) -> None:
         self._refs[block] += 1

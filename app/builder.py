@@ -8,6 +8,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+import placement
 from app.autoscaling import DEFAULT_STAGE_AUTOSCALING
 from app.engine import EngineConfig
 
@@ -28,7 +29,10 @@ class BuilderArgs(BaseModel):
     stage_quantization: list[Literal["none", "int8", "nf4"]] | None = Field(
         None, description="per stage, overriding quantization (e.g. [nf4, none])")
     plan_reserve_fraction: float = Field(0.05, ge=0, lt=1, description="planner: share of a device kept free")
-    plan_kv_tokens: int = Field(4096, ge=0, description="planner: KV cache tokens each stage keeps room for")
+    plan_kv_tokens: int = Field(4096, ge=1, description="KV cache of each stage replica, in tokens: its block "
+                                                        "pool, allocated at start (and what the planner counts)")
+    kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
+    enable_prefix_caching: bool = Field(True, description="share the KV blocks of equal prompt prefixes")
     max_batch_size: int = Field(16, ge=1, le=1024, description="sequences open at once (KV cache slots)")
     max_model_len: int | None = Field(None, ge=16, description="prompt + output; default min(model, 4096)")
     max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens per step (chunked prefill)")
@@ -114,7 +118,7 @@ def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict,
     else:
         described = placement.ClusterSpec(tuple(node for node, _ in live.values()))
     plan = placement.plan(spec, described, reserve_fraction=args.plan_reserve_fraction,
-                          kv_tokens=args.plan_kv_tokens)
+                          kv_tokens=pool_tokens(args))
     if args.num_stages != "auto" and plan.num_stages != args.num_stages:
         logger.warning("stagewise: the plan for %s has %d stages, not %d", args.cluster, plan.num_stages,
                        args.num_stages)
@@ -125,6 +129,11 @@ def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict,
     return [(stage.start, stage.end, stage_options(stage, pins), stage) for stage in plan.stages]
 
 
+def pool_tokens(args: BuilderArgs) -> int:
+    """Tokens in each stage replica's KV block pool (what the planner reserves memory for)."""
+    return placement.kv_pool_blocks(args.plan_kv_tokens, args.kv_block_size) * args.kv_block_size
+
+
 def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
     from transformers import AutoConfig
 
@@ -133,7 +142,7 @@ def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
     return EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_model_len,
                         max_prefill_tokens=args.max_prefill_tokens, num_microbatches=args.num_microbatches,
                         max_queued_requests=args.max_queued_requests, step_timeout_s=args.step_timeout_s,
-                        max_step_failures=args.max_step_failures)
+                        max_step_failures=args.max_step_failures, prefix_caching=args.enable_prefix_caching)
 
 
 def wire_limits(args: BuilderArgs, config: EngineConfig):
@@ -193,7 +202,8 @@ def build_app(args: BuilderArgs):
                                       graceful_shutdown_wait_loop_s=0.5, **scaling)
         stages.append(deployment.bind(model_dir, index, start, end, dtype=args.dtype,
                                       quantization=quantizations[index],
-                                      max_batch_size=args.max_batch_size, max_model_len=config.max_model_len,
+                                      max_batch_size=args.max_batch_size, block_size=args.kv_block_size,
+                                      num_blocks=placement.kv_pool_blocks(args.plan_kv_tokens, args.kv_block_size),
                                       num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens,
                                       limits=limits))
     # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues

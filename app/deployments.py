@@ -82,8 +82,9 @@ class StageDeployment:
         start: first block.
         end: one past the last block.
         dtype: weights and activations dtype.
-        max_batch_size: KV cache slots (sequences open at once).
-        max_model_len: longest sequence.
+        max_batch_size: sequences open at once (batch slots).
+        num_blocks: KV cache blocks (the pool, allocated once at start; see `placement.kv_pool_blocks`).
+        block_size: tokens per KV cache block.
         num_threads: torch threads for large steps (None: torch's default).
         parallel_min_tokens: steps with fewer tokens run on one thread (see `StageServer`).
         quantization: "none", "int8" or "nf4" (bitsandbytes) for this stage's blocks.
@@ -91,7 +92,7 @@ class StageDeployment:
     """
 
     def __init__(self, model_dir: str, index: int, start: int, end: int, *, dtype: str = "float32",
-                 max_batch_size: int = 16, max_model_len: int = 2048, num_threads: int | None = None,
+                 max_batch_size: int = 16, num_blocks: int = 256, block_size: int = 16, num_threads: int | None = None,
                  parallel_min_tokens: int = 64, quantization: str = "none", limits: wire.Limits = wire.Limits()):
         from ray import serve
 
@@ -107,9 +108,10 @@ class StageDeployment:
         self.app_name, self.fetched_bytes = context.app_name, 0
         self.announcer = Announcer(context.app_name, {
             "id": context.replica_id.unique_id, "stage": index, "start": start, "end": end, "node": _node_name(),
-            "state": "starting", "error": None, "address": None, "num_slots": max_batch_size, "draining": False})
-        load = dict(model_dir=model_dir, start=start, end=end, dtype=dtype, num_slots=max_batch_size,
-                    max_len=max_model_len, quantization=quantization)
+            "state": "starting", "error": None, "address": None, "num_slots": max_batch_size, "draining": False,
+            "num_blocks": num_blocks, "block_size": block_size})
+        load = dict(model_dir=model_dir, start=start, end=end, dtype=dtype, num_blocks=num_blocks,
+                    block_size=block_size, quantization=quantization)
         threading.Thread(target=self._load_until_loaded, args=(load, num_threads, parallel_min_tokens),
                          daemon=True, name="stagewise-load").start()
 
@@ -288,7 +290,8 @@ class Ingress:
             self.registry = self._make_registry()  # the stages announce themselves to it within a second
             raise
         self.announced = [r for r in found if not self.engine.gone(r["id"])]
-        self.engine.set_replicas([Replica(r["id"], r["stage"], r["address"], r["num_slots"], r["draining"])
+        self.engine.set_replicas([Replica(r["id"], r["stage"], r["address"], r["num_slots"], r["draining"],
+                                          r["num_blocks"], r["block_size"])
                                   for r in self.announced if r.get("state") == "ready"])
 
     async def _refresh_forever(self, period_s: float = 0.5) -> None:

@@ -8,7 +8,8 @@ tokens are now all cached, samples the next token. Because a sequence is just it
 a stage that lost its cache is rebuilt by setting `num_cached = 0`: the same step logic replays
 the prompt and the output so far, and greedy generation goes on exactly as before.
 
-A stage may have several replicas, each with its own KV cache slots. A sequence is routed
+A stage may have several replicas, each with its own batch slots and KV cache blocks (see
+`app.scheduler` for admission and pre-emption, `app.blocks` for the blocks and prefix caching). A sequence is routed
 through one replica of every stage (its *route*) and keeps it (session affinity); new
 sequences go to the replicas with the most free slots; sequences of one route are batched
 together. When a replica drains (scale-down) or disappears, its sequences move to another
@@ -28,9 +29,9 @@ from app.pipeline import StepFailed
 from app.replicas import ReplicaPool
 from app.sampling import Choice, prompt_logprobs, sample
 from app.scheduler import Scheduler
-from app.sequence import EngineConfig, Overloaded, Replica, Row, Sequence
+from app.sequence import EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
 
-__all__ = ["Engine", "EngineConfig", "Overloaded", "Replica", "Row", "Sequence"]
+__all__ = ["Engine", "EngineConfig", "Overloaded", "Replica", "Row", "Sequence", "TooLong"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Engine:
     """Schedules sequences over a pipeline of stages, each with one or more replicas.
 
     Args:
-        pipeline: has `async step(route, inputs, slots, starts, num_new, all_logits=, timeout=)`
+        pipeline: has `async step(route, inputs, tables, starts, num_new, all_logits=, timeout=)`
             and `watch(address, on_gone)` (e.g. `app.pipeline.PipelineClient`).
         config: the scheduler's limits.
         num_stages: stages in the pipeline.
@@ -64,13 +65,13 @@ class Engine:
         self.metrics = metrics if metrics is not None else IngressMetrics(enabled=False)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.pool = ReplicaPool(num_stages, on_drained)
+        self.pool = ReplicaPool(num_stages, on_drained, config.prefix_caching)
         self.scheduler = Scheduler(config, num_stages)
         self._wake = asyncio.Event()
         self._epoch = 0  # bumped by each recovery: results of older steps are dropped
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.stats = {"steps": 0, "recoveries": 0, "tokens": 0, "moved": 0}
+        self.stats = {"steps": 0, "recoveries": 0, "tokens": 0, "moved": 0, "preempted": 0}
         self.restarts = 0  # times the loop failed (an unexpected exception) and was started again
         self._restart_times: list[float] = []
         self._in_flight: dict[asyncio.Task, tuple[str, ...]] = {}
@@ -114,7 +115,16 @@ class Engine:
     # ---- requests ----
 
     def add(self, seq: Sequence) -> None:
-        """Queues a sequence; raises `Overloaded` when the waiting queue is full."""
+        """Queues a sequence.
+
+        Raises:
+            Overloaded: the waiting queue is full.
+            TooLong: its prompt and `max_tokens` need more KV cache than a stage holds.
+        """
+        need = len(seq.prompt_ids) + seq.params.max_tokens
+        if self.pool.available() and need > self.pool.max_sequence_tokens():
+            raise TooLong(f"the prompt and max_tokens need {need} tokens of KV cache; a stage of this "
+                          f"deployment holds {self.pool.max_sequence_tokens()}")
         if len(self.waiting) >= self.config.max_queued_requests + self.num_free_slots:
             raise Overloaded(f"{len(self.waiting)} sequences are waiting for a slot")
         self.waiting.append(seq)
@@ -138,9 +148,8 @@ class Engine:
         if seq.in_flight:
             return
         if seq.route is not None:
-            for replica_id, slot in zip(seq.route, seq.slots):
-                self.pool.free_slot(replica_id, slot)
-            seq.route = seq.slots = None
+            self.pool.release(seq)
+            seq.route = seq.slots = seq.tables = None
         if seq in self.running:
             self.running.remove(seq)
         self.pool.tidy()
@@ -203,7 +212,8 @@ class Engine:
             busy: dict[tuple[str, ...], int] = {}
             for route in in_flight.values():
                 busy[route] = busy.get(route, 0) + 1
-            for route, rows in self.scheduler.next_batches(self.running, set(self.replicas), busy):
+            for route, rows in self.scheduler.next_batches(self.running, set(self.replicas), busy, self.waiting,
+                                                           self.pool):
                 in_flight[asyncio.create_task(self._step(route, rows, self._epoch))] = route
             if not in_flight and not self.waiting and not self.running:
                 return
@@ -221,27 +231,21 @@ class Engine:
 
     def _admit(self) -> None:
         self.scheduler.admit(self.waiting, self.running, self.pool)
+        for seq in self.scheduler.preempted:
+            logger.info("request %s: sequence %d pre-empted (no free KV cache block); it resumes by replay",
+                        seq.request_id or "-", seq.index)
+            self.stats["preempted"] += 1
+            self.metrics.preempted()
+        self.scheduler.preempted.clear()
 
     def _move_off_unusable(self) -> None:
         """Moves sequences off replicas that are gone or draining, where another replica of the
         stage has room; the new route's caches are rebuilt by replay."""
-        pool = self.pool
         for seq in self.running:
-            if seq.in_flight or seq.finished or seq.route is None:
-                continue
-            route, slots = list(seq.route), list(seq.slots)
-            for stage, replica_id in enumerate(route):
-                if pool.usable(replica_id):
-                    continue
-                other = pool.best(stage)
-                if other is None:
-                    continue  # a draining replica goes on serving it; a gone one is waited for
-                pool.free_slot(replica_id, slots[stage])
-                route[stage], slots[stage] = other, pool.take_slot(other)
-            if tuple(route) != seq.route:
-                seq.route, seq.slots, seq.num_cached = tuple(route), slots, 0
+            if not seq.in_flight and not seq.finished and seq.route is not None and self.pool.move(seq):
+                seq.num_cached = 0
                 self.stats["moved"] += 1
-        pool.tidy()
+        self.pool.tidy()
 
     async def _step(self, route: tuple[str, ...], rows: list[Row], epoch: int
                     ) -> tuple[Exception | None, list[Row]]:
@@ -250,10 +254,10 @@ class Engine:
         for i, row in enumerate(rows):
             inputs[i, : row.num_new] = torch.tensor(row.seq.tokens[row.start:row.start + row.num_new])
         all_logits = any(row.seq.needs_all_logits for row in rows)
-        slots = [[row.seq.slots[stage] for row in rows] for stage in range(len(route))]
+        tables = [[row.seq.tables[stage].blocks for row in rows] for stage in range(len(route))]
         try:
             addresses = [self.replicas[replica_id].address for replica_id in route]
-            logits = await self.pipeline.step(addresses, inputs, slots, [r.start for r in rows],
+            logits = await self.pipeline.step(addresses, inputs, tables, [r.start for r in rows],
                                               [r.num_new for r in rows], all_logits=all_logits,
                                               timeout=self.config.step_timeout_s)
         except (StepFailed, KeyError) as exc:
@@ -287,6 +291,7 @@ class Engine:
             if all_logits and seq.needs_all_logits:
                 self._record_prompt_logprobs(seq, row, logits[i])
             seq.num_cached = row.start + row.num_new
+            self.pool.cache_computed(seq)
             if seq.num_pending == 0 and seq.params.max_tokens == 0:  # echo: the prompt scored, nothing more
                 self._finish(seq, "length")
             elif seq.num_pending == 0:

@@ -226,6 +226,9 @@ class IngressMetrics:
         self._sequence_errors = tagged(metrics.Counter(
             "stagewise_sequence_errors", "Sequences ended by an error of their own (sampling, text, a step that "
             "kept failing), by reason.", tag_keys=("model", "reason")))
+        self._preemptions = tagged(metrics.Counter(
+            "stagewise_preemptions", "Sequences pre-empted for want of a free KV cache block (they resume by "
+            "replay).", tag_keys=("model",)))
         self._refused = _refused_counter("Ingress")
         self._running_gauge.set(0)  # present from the start, not only once something ran
         self._waiting_gauge.set(0)
@@ -270,6 +273,11 @@ class IngressMetrics:
         """A data-plane connection to the ingress was refused: "handshake" or "message"."""
         if self.enabled:
             self._refused.inc(tags={"reason": reason})
+
+    def preempted(self) -> None:
+        """A sequence gave up its KV cache blocks to another and waits to resume by replay."""
+        if self.enabled:
+            self._preemptions.inc()
 
     def sequence_failed(self, reason: str) -> None:
         """A sequence ended with an error of its own; `reason`: sampling, step, text or engine."""

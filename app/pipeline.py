@@ -59,14 +59,14 @@ class PipelineClient:
         else:
             loop.call_soon_threadsafe(_resolve, future, message.logits, None)
 
-    async def step(self, route: list[str], inputs: torch.Tensor, slots: list[list[int]], starts: list[int],
+    async def step(self, route: list[str], inputs: torch.Tensor, tables: list[list[list[int]]], starts: list[int],
                    num_new: list[int], *, all_logits: bool = False, timeout: float | None = None) -> torch.Tensor:
         """Runs one batched step through one replica of every stage.
 
         Args:
             route: the data-plane address of each stage's replica, in pipeline order.
             inputs: (B, T) token ids, rows right-padded.
-            slots: for each stage of the route, the cache slot of each row there.
+            tables: for each stage of the route, the KV cache blocks of each row there.
             starts: first new position of each row.
             num_new: real new tokens of each row.
             all_logits: return logits at every position (B, T, V) instead of the last (B, V).
@@ -83,7 +83,8 @@ class PipelineClient:
         future = loop.create_future()
         with self._lock:
             self._pending[step_id] = (loop, future, frozenset(route), len(starts))
-        message = wire.Step(step_id, tuple(route[1:]) + (self.reply_address,), tuple(map(tuple, slots)),
+        message = wire.Step(step_id, tuple(route[1:]) + (self.reply_address,),
+                            tuple(tuple(map(tuple, stage)) for stage in tables),
                             tuple(starts), tuple(num_new), all_logits, inputs)
         try:
             await asyncio.to_thread(self._out.send, route[0], message)

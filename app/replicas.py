@@ -1,4 +1,5 @@
-"""The stage replicas the engine can route through, and the KV cache slots free on each.
+"""The stage replicas the engine can route through, the batch slots free on each, and each one's
+KV cache blocks (`app.blocks.BlockPool`).
 
 A replica that leaves (gone, or no longer listed) is forgotten once no sequence holds a slot on it;
 a draining one gets no new sequence and is released (`on_drained`) once it holds none.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import heapq
 
-from app.sequence import Replica
+from app.blocks import BlockPool, BlockTable
+from app.sequence import Replica, Sequence
 
 
 class ReplicaPool:
@@ -17,10 +19,12 @@ class ReplicaPool:
     Args:
         num_stages: stages in the pipeline.
         on_drained: called with a draining `Replica` once it holds no sequence.
+        prefix_caching: share the KV blocks of equal prompt prefixes (see `app.blocks`).
     """
 
-    def __init__(self, num_stages: int, on_drained=None):
-        self.num_stages, self.on_drained = num_stages, on_drained
+    def __init__(self, num_stages: int, on_drained=None, prefix_caching: bool = True):
+        self.num_stages, self.on_drained, self.prefix_caching = num_stages, on_drained, prefix_caching
+        self.blocks: dict[str, BlockPool] = {}
         self.replicas: dict[str, Replica] = {}
         self.free: dict[str, list[int]] = {}  # free slots of every replica a sequence may still hold
         self._num_slots: dict[str, int] = {}
@@ -35,6 +39,7 @@ class ReplicaPool:
             if replica.id not in self.free:
                 self.free[replica.id] = list(range(replica.num_slots))
                 self._num_slots[replica.id] = replica.num_slots
+                self.blocks[replica.id] = BlockPool(replica.num_blocks, replica.block_size, self.prefix_caching)
                 new.append(replica)
         self.tidy()
         return new
@@ -51,11 +56,67 @@ class ReplicaPool:
         if replica_id in self.free:
             heapq.heappush(self.free[replica_id], slot)
 
+    def release(self, seq: Sequence, stage: int | None = None) -> None:
+        """Gives back a sequence's slot and blocks on every replica of its route (or one stage's)."""
+        stages = range(len(seq.route)) if stage is None else [stage]
+        for i in stages:
+            replica_id = seq.route[i]
+            self.free_slot(replica_id, seq.slots[i])
+            if replica_id in self.blocks:
+                self.blocks[replica_id].release(seq.tables[i])
+
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Gives the sequence blocks for `num_tokens` on every replica of its route; False when one
+        has too few free (blocks taken on the others stay with the sequence)."""
+        return all([self.blocks[r].grow(table, num_tokens) for r, table in zip(seq.route, seq.tables)])
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Registers the blocks its computed tokens have filled, for sequences with the same prefix."""
+        tokens = seq.tokens[:seq.num_cached]
+        for replica_id, table in zip(seq.route, seq.tables):
+            if replica_id in self.blocks:
+                self.blocks[replica_id].cache_full_blocks(table, tokens)
+
+    def match_prefix(self, route: tuple[str, ...], tokens: list[int]) -> tuple[list[BlockTable], int]:
+        """New block tables on `route` holding the longest cached prefix of `tokens` that every
+        replica of the route has; (tables, the tokens they hold)."""
+        tables = [BlockTable() for _ in route]
+        matched = [self.blocks[r].match(tokens, table) for r, table in zip(route, tables)]
+        cached = min(matched)
+        for replica_id, table in zip(route, tables):
+            self.blocks[replica_id].truncate(table, cached // self.blocks[replica_id].block_size)
+        return tables, cached
+
+    def move(self, seq: Sequence) -> bool:
+        """Moves the sequence off the replicas of its route that are gone or draining, to another
+        replica of the stage with a slot and blocks for its tokens; whether it moved."""
+        moved = False
+        for stage, replica_id in enumerate(seq.route):
+            if self.usable(replica_id):
+                continue
+            other = self.best(stage)
+            table = BlockTable()
+            if other is None or not self.blocks[other].grow(table, len(seq.tokens)):
+                continue  # a draining replica goes on serving it; a gone one is waited for
+            self.release(seq, stage)
+            route = list(seq.route)
+            route[stage], seq.slots[stage], seq.tables[stage] = other, self.take_slot(other), table
+            seq.route, moved = tuple(route), True
+        return moved
+
+    def max_sequence_tokens(self) -> int:
+        """The longest sequence every stage could hold (in its largest usable replica's pool)."""
+        best = [0] * self.num_stages
+        for replica in self.replicas.values():
+            if not replica.draining:
+                best[replica.stage] = max(best[replica.stage], self.blocks[replica.id].tokens)
+        return min(best)
+
     def tidy(self) -> None:
         """Forgets replicas that left and hold nothing; releases drained ones."""
         for replica_id in list(self.free):
             if replica_id not in self.replicas and len(self.free[replica_id]) == self._num_slots[replica_id]:
-                del self.free[replica_id], self._num_slots[replica_id]
+                del self.free[replica_id], self._num_slots[replica_id], self.blocks[replica_id]
         for replica in self.replicas.values():
             if (replica.draining and replica.id not in self._released
                     and len(self.free[replica.id]) == replica.num_slots):
@@ -83,7 +144,9 @@ class ReplicaPool:
             usable[replica.stage] += not replica.draining
         return [{"id": r.id, "stage": r.stage, "address": r.address, "draining": r.draining,
                  "sequences": r.num_slots - len(self.free[r.id]),
-                 "waiting": 0.0 if r.draining else num_waiting / usable[r.stage]}
+                 "waiting": 0.0 if r.draining else num_waiting / usable[r.stage],
+                 "blocks": {"used": self.blocks[r.id].num_used, "free": self.blocks[r.id].num_free,
+                            "cached": self.blocks[r.id].num_cached, "total": self.blocks[r.id].num_blocks}}
                 for r in sorted(self.replicas.values(), key=lambda r: (r.stage, r.id))]
 
     def available(self) -> bool:

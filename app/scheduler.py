@@ -1,8 +1,12 @@
-"""Which sequences go through the pipeline next: admission and the rows of each step.
+"""Which sequences go through the pipeline next: admission, the rows of each step, pre-emption.
 
 Plain Python (no torch, no asyncio): running and waiting sequences, the replicas' free slots and
-the steps already in flight in; a sequence admitted onto a route, or the rows of the next steps,
-out. Prefill rows (a prompt, or a replay after a failure, chunked to `max_prefill_tokens`) and
+KV blocks and the steps already in flight in; a sequence admitted onto a route, or the rows of
+the next steps, out. A sequence is admitted when every replica of its route has a batch slot and
+blocks for all its tokens (those of a cached prefix are shared, not computed again). When a
+decoding sequence needs a block and a replica has none free, the most recently admitted sequence
+that is not in a step is pre-empted: its blocks are freed and it waits again, to resume by
+replaying its prompt and tokens so far (vLLM's recompute pre-emption). Prefill rows (a prompt, or a replay after a failure, chunked to `max_prefill_tokens`) and
 decode rows (one token each) alternate per route, so that a long prompt does not stall the
 decoding sequences for long, and the decoding sequences of a route are shared evenly between its
 micro-batches.
@@ -10,6 +14,7 @@ micro-batches.
 
 from __future__ import annotations
 
+from app.blocks import BlockTable
 from app.replicas import ReplicaPool
 from app.sequence import EngineConfig, Row, Sequence
 
@@ -25,26 +30,42 @@ class Scheduler:
     def __init__(self, config: EngineConfig, num_stages: int):
         self.config, self.num_stages = config, num_stages
         self._last_kind: dict[tuple[str, ...], str] = {}
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
+        self.preempted: list[Sequence] = []  # since the engine last looked
 
     def admit(self, waiting: list[Sequence], running: list[Sequence], pool: ReplicaPool) -> None:
         """Moves waiting sequences to `running`, first come first served, while every stage has a
-        usable replica with a free slot: each gets the replica with the most free slots."""
+        usable replica with a free slot and blocks for the sequence's tokens: each gets the replica
+        with the most free slots."""
         while waiting:
             route = [pool.best(stage) for stage in range(self.num_stages)]
             if None in route:
                 return
-            seq = waiting.pop(0)
-            seq.route = tuple(route)
-            seq.slots = [pool.take_slot(replica_id) for replica_id in route]
+            seq = waiting[0]
+            route = tuple(route)
+            # Sequences that report prompt log-probabilities compute their whole prompt.
+            tables, cached = (pool.match_prefix(route, seq.tokens) if not seq.prompt_logprobs
+                              else ([BlockTable() for _ in route], 0))
+            seq.route, seq.tables, seq.slots = route, tables, [pool.take_slot(r) for r in route]
+            if not pool.grow(seq, len(seq.tokens)):
+                pool.release(seq)
+                seq.route = seq.tables = seq.slots = None
+                return
+            waiting.pop(0)
+            seq.num_cached = cached
+            self.cached_tokens += cached
             running.append(seq)
 
-    def next_batches(self, running: list[Sequence], present: set[str], busy: dict[tuple[str, ...], int]):
+    def next_batches(self, running: list[Sequence], present: set[str], busy: dict[tuple[str, ...], int],
+                     waiting: list[Sequence], pool: ReplicaPool):
         """Yields (route, rows) for every route with room for another step in flight.
 
         Args:
             running: the admitted sequences.
             present: ids of the replicas that can be reached now.
             busy: steps in flight per route.
+            waiting: where pre-empted sequences go (first).
+            pool: the replicas' slots and blocks.
         """
         by_route: dict[tuple[str, ...], list[Sequence]] = {}
         routes = {seq.route for seq in running}
@@ -55,12 +76,36 @@ class Scheduler:
                 by_route.setdefault(seq.route, []).append(seq)
         for route, ready in by_route.items():
             for _ in range(busy.get(route, 0), self.config.num_microbatches):
-                rows = self._next_batch(route, [s for s in ready if not s.in_flight], running)
-                if not rows:
+                rows = self._next_batch(route, [s for s in ready if not s.in_flight and s.route == route], running)
+                kept: list[Row] = []
+                for row in rows:  # a row pre-empted for an earlier one waits
+                    if row.seq.route is not None and self._blocks_for(row, running, waiting, pool, kept):
+                        kept.append(row)
+                if not kept:
                     break
-                for row in rows:  # claimed now: an abort before the step starts must keep the slot
+                for row in kept:  # claimed now: an abort before the step starts must keep the slot
                     row.seq.in_flight = True
-                yield route, rows
+                yield route, kept
+
+    def _blocks_for(self, row: Row, running: list[Sequence], waiting: list[Sequence], pool: ReplicaPool,
+                    kept: list[Row]) -> bool:
+        """Whether the row's sequence has blocks for its tokens on every replica of its route,
+        pre-empting the most recently admitted sequences not in a step (nor kept for this one)
+        until it does."""
+        seq, taken = row.seq, {id(r.seq) for r in kept}
+        while not pool.grow(seq, row.start + row.num_new):
+            victims = [s for s in running if not s.in_flight and s is not seq and s.route is not None
+                       and id(s) not in taken]
+            if not victims:
+                return False  # it waits for a step in flight to end
+            victim = victims[-1]
+            running.remove(victim)
+            pool.release(victim)
+            victim.route = victim.tables = victim.slots = None
+            victim.num_cached = 0
+            waiting.insert(0, victim)
+            self.preempted.append(victim)
+        return True
 
     def _next_batch(self, route: tuple[str, ...], ready: list[Sequence], running: list[Sequence]) -> list[Row]:
         prefill = [s for s in ready if s.num_pending > 1 or s.needs_all_logits]

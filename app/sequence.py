@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from app.blocks import BlockTable
     from app.sampling import SamplingParams
 
 
@@ -23,7 +24,7 @@ class EngineConfig:
     """Limits of the scheduler.
 
     Attributes:
-        max_batch_size: sequences open at once (= KV cache slots per stage).
+        max_batch_size: sequences open at once on a replica (its batch slots).
         max_model_len: longest sequence, prompt + output.
         max_prefill_tokens: prompt tokens per step; longer prompts are prefilled in chunks so
             that running decodes are not stalled for long.
@@ -35,6 +36,7 @@ class EngineConfig:
         max_step_failures: steps in a row that may fail for one sequence, each followed by a
             successful recovery and a replay, before that sequence fails (a step that fails every
             time: an out-of-memory on one stage, a bad tensor).
+        prefix_caching: sequences whose prompts start alike share the KV blocks of that prefix.
     """
 
     max_batch_size: int = 16
@@ -45,6 +47,7 @@ class EngineConfig:
     step_timeout_s: float = 60.0
     max_recoveries: int = 5
     max_step_failures: int = 3
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ class Replica:
         id: unique among all replicas.
         stage: the stage's index in the pipeline.
         address: its data-plane address.
-        num_slots: its KV cache slots (sequences it can hold).
+        num_slots: sequences it holds at once (its batch slots).
+        num_blocks: its KV cache blocks.
+        block_size: tokens per block.
         draining: going away: no new sequences, running ones move elsewhere.
     """
 
@@ -64,6 +69,8 @@ class Replica:
     address: str
     num_slots: int
     draining: bool = False
+    num_blocks: int = 1024
+    block_size: int = 16
 
 
 @dataclass(eq=False)
@@ -81,7 +88,8 @@ class Sequence:
     prompt_logprob_values: list[tuple] = field(default_factory=list)  # (logprob, alternatives) per token
     cumulative_logprob: float = 0.0
     route: tuple[str, ...] | None = None  # replica ids, one per stage
-    slots: list[int] | None = None  # the sequence's KV cache slot on each replica of its route
+    slots: list[int] | None = None  # the sequence's batch slot on each replica of its route
+    tables: list[BlockTable] | None = None  # its KV cache blocks on each replica of its route
     num_cached: int = 0
     in_flight: bool = False
     step_failures: int = 0  # steps in a row that failed with this sequence on them
@@ -117,3 +125,7 @@ class Row:
 
 class Overloaded(Exception):
     """The waiting queue is full."""
+
+
+class TooLong(Exception):
+    """A sequence could never fit in a stage's KV cache."""

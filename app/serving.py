@@ -12,8 +12,9 @@ from typing import AsyncIterator, Awaitable, Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.engine import Engine, Overloaded
-from app.errors import INTERNAL, SERVICE_UNAVAILABLE, NotFound, Overloaded as OverloadedError, Unavailable, error_body
+from app.engine import Engine, Overloaded, TooLong
+from app.errors import (INTERNAL, SERVICE_UNAVAILABLE, BadRequest, NotFound, Overloaded as OverloadedError,
+                        Unavailable, error_body)
 from app.generation import Generation, ModelInfo, PipelineError, SequenceFailed
 from app.health import unavailable_reason
 
@@ -54,6 +55,9 @@ class Serving:
         except Overloaded as exc:
             generation.abort()
             raise OverloadedError(f"server overloaded: {exc}", retry_after=1) from exc
+        except TooLong as exc:
+            generation.abort()
+            raise BadRequest(str(exc), param="max_tokens", code="kv_cache_exceeded") from None
         if stream:
             return StreamingResponse(self._guarded(generation, lines()), media_type="text/event-stream")
         try:

@@ -34,13 +34,13 @@ class StageServer:
     """Listens for steps, runs them through the stage one at a time, forwards the results.
 
     Messages are `app.wire`'s, on connections that proved they know the application's secret. A
-    `Step` carries the stage's input and, per stage from this one on, each row's cache slot; its
-    output goes to `route[0]` with `route[1:]` and `slots[1:]`; the last stage's output (logits)
+    `Step` carries the stage's input and, per stage from this one on, each row's KV cache blocks; its
+    output goes to `route[0]` with `route[1:]` and `tables[1:]`; the last stage's output (logits)
     goes to the reply address as a `Result`. A failure is sent to the reply address as an `Error`
     so that nobody waits forever. `Released` from the ingress says that this replica, draining,
     holds no sequence any more (`released` is set); `Demand` says how many sequences it holds and
     its share of those waiting for a slot (kept in `demand`). A step whose route names an address
-    that is not one of the application's, or whose slots are not this stage's, is refused.
+    that is not one of the application's, or whose blocks are not this stage's, is refused.
 
     Args:
         stage: the `stages.Stage` to serve.
@@ -98,8 +98,17 @@ class StageServer:
             raise wire.WireError(f"a stage takes no {message.kind} message")
         if self._known is not None and not self._known(message.route):
             raise wire.WireError(f"step {message.step}: its route names an address that is not the application's")
-        if max(message.slots[0]) >= self.stage.cache.num_slots:
-            raise wire.WireError(f"step {message.step}: a slot beyond this stage's {self.stage.cache.num_slots}")
+        cache = self.stage.cache
+        if any(block >= cache.num_blocks for table in message.tables[0] for block in table):
+            raise wire.WireError(f"step {message.step}: a block beyond this stage's {cache.num_blocks}")
+        if any(len(table) * cache.block_size < start + new
+               for table, start, new in zip(message.tables[0], message.starts, message.num_new)):
+            raise wire.WireError(f"step {message.step}: a row with fewer blocks than its tokens need")
+        written = [table[p // cache.block_size] * cache.block_size + p % cache.block_size
+                   for table, start, new in zip(message.tables[0], message.starts, message.num_new)
+                   for p in range(start, start + new)]
+        if len(set(written)) != len(written):
+            raise wire.WireError(f"step {message.step}: two rows write one cache position")
         if self.stage.is_first != (message.inputs.dim() == 2):
             raise wire.WireError(f"step {message.step}: {'token ids' if self.stage.is_first else 'hidden states'} "
                                  "expected")
@@ -118,7 +127,7 @@ class StageServer:
                 logger.exception("step %s could not be handled", step.step)
 
     def _compute(self, step: wire.Step, arrived: float) -> None:
-        route, slots = step.route, step.slots
+        route, tables = step.route, step.tables
         began = time.monotonic()
         num_rows, num_tokens = len(step.starts), sum(step.num_new)
         if self.num_threads:
@@ -126,8 +135,8 @@ class StageServer:
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         try:
-            out = self.stage(step.inputs, torch.tensor(slots[0]), torch.tensor(step.starts),
-                             torch.tensor(step.num_new), all_logits=step.all_logits)
+            out = self.stage(step.inputs, [list(t) for t in tables[0]], list(step.starts), list(step.num_new),
+                             all_logits=step.all_logits)
         except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
             logger.exception("step %s failed", step.step)
             if self.metrics is not None:
@@ -142,7 +151,7 @@ class StageServer:
         load.ongoing_s += done - arrived
         load.last_step_at = done
         if len(route) > 1:
-            sent = self._send(route[0], wire.Step(step.step, route[1:], slots[1:], step.starts, step.num_new,
+            sent = self._send(route[0], wire.Step(step.step, route[1:], tables[1:], step.starts, step.num_new,
                                                   step.all_logits, out))
         else:
             sent = self._send(route[0], wire.Result(step.step, out))

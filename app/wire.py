@@ -12,7 +12,7 @@ A message is `!Q` header length, the header (a JSON object), `!Q` payload length
 sizes against `Limits` (before allocating), a known kind with its fields of the right types,
 known dtypes, shapes that are non-negative and add up to the payload.
 
-    Step      ingress/stage -> stage   a batch to compute: rows' slots per remaining stage, starts,
+    Step      ingress/stage -> stage   a batch to compute: rows' KV blocks per remaining stage, starts,
                                        new tokens, the route on (next stages..., the reply address)
     Result    last stage -> ingress    a step's logits
     Error     stage -> ingress         a step failed (message)
@@ -64,7 +64,7 @@ class Limits:
 class Step:
     step: int
     route: tuple[str, ...]  # the next stages' addresses, then the reply address
-    slots: tuple[tuple[int, ...], ...]  # per stage from this one on, each row's cache slot
+    tables: tuple[tuple[tuple[int, ...], ...], ...]  # per stage from this one on, each row's KV cache blocks
     starts: tuple[int, ...]
     num_new: tuple[int, ...]
     all_logits: bool
@@ -136,7 +136,7 @@ def _tensors_of(message: Message) -> list[torch.Tensor]:
 
 def _fields_of(message: Message) -> dict:
     if isinstance(message, Step):
-        return {"step": message.step, "route": list(message.route), "slots": [list(s) for s in message.slots],
+        return {"step": message.step, "route": list(message.route), "tables": [[list(t) for t in s] for s in message.tables],
                 "starts": list(message.starts), "num_new": list(message.num_new), "all_logits": message.all_logits}
     if isinstance(message, Result):
         return {"step": message.step}
@@ -234,23 +234,21 @@ def _step(header: dict, inputs: torch.Tensor, limits: Limits) -> Step:
     route = header.get("route")
     if not isinstance(route, list) or not route or not all(isinstance(a, str) and len(a) < 256 for a in route):
         raise WireError("step: a non-empty route of addresses expected")
-    slots = header.get("slots")
-    if not isinstance(slots, list) or len(slots) != len(route):
-        raise WireError("step: one list of slots per stage left on the route expected")
-    slots = tuple(_ints(s, "slots", 0, 1 << 20) for s in slots)
+    tables = header.get("tables")
+    if not isinstance(tables, list) or len(tables) != len(route) or not all(isinstance(s, list) for s in tables):
+        raise WireError("step: one list of block tables per stage left on the route expected")
+    tables = tuple(tuple(_ints(t, "tables", 0, 1 << 24) for t in s) for s in tables)
     starts = _ints(header.get("starts"), "starts")
     num_new = _ints(header.get("num_new"), "num_new", 1)
     rows = len(starts)
-    if not 0 < rows <= limits.max_rows or len(num_new) != rows or any(len(s) != rows for s in slots):
-        raise WireError(f"step: 1 to {limits.max_rows} rows, the same number in slots, starts and num_new")
-    if any(len(set(s)) != rows for s in slots):
-        raise WireError("step: two rows in one cache slot")
+    if not 0 < rows <= limits.max_rows or len(num_new) != rows or any(len(s) != rows for s in tables):
+        raise WireError(f"step: 1 to {limits.max_rows} rows, the same number in tables, starts and num_new")
     if inputs.dim() not in (2, 3) or inputs.shape[0] != rows or inputs.shape[1] < max(num_new):
         raise WireError(f"step: inputs of shape {list(inputs.shape)} do not fit {rows} rows of up to "
                         f"{max(num_new)} tokens")
     if not isinstance(header.get("all_logits", False), bool):
         raise WireError("step: all_logits must be a boolean")
-    return Step(header["step"], tuple(route), slots, starts, num_new, header.get("all_logits", False), inputs)
+    return Step(header["step"], tuple(route), tables, starts, num_new, header.get("all_logits", False), inputs)
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytearray:

@@ -26,25 +26,28 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 from stages import Stage  # noqa: E402
 from tests.checkpoints import build_llama_125m  # noqa: E402
 
-PROMPT, STEPS = 24, 24
+PROMPT, STEPS, BLOCK = 24, 24, 16
 
 
-def time_stage(stage: Stage, batch: int) -> float:
-    slots, one = torch.arange(batch), torch.ones(batch, dtype=torch.long)
-    stage(torch.randint(100, 30000, (batch, PROMPT)), slots, torch.zeros(batch, dtype=torch.long),
-          torch.full((batch,), PROMPT))
+def time_stage(stage: Stage, batch: int, prompt: int = PROMPT) -> float:
+    """Median decode step of `batch` rows after a `prompt`-token prefill, each row's blocks one run."""
+    per_row = -(-(prompt + STEPS) // BLOCK)
+    tables = [[b * per_row + i for i in range(per_row)] for b in range(batch)]
+    for start in range(0, prompt, 256):  # prefill in chunks, as the engine does
+        width = min(256, prompt - start)
+        stage(torch.randint(100, 30000, (batch, width)), tables, [start] * batch, [width] * batch)
     times = []
     for i in range(STEPS):
         began = time.perf_counter()
-        stage(torch.randint(100, 30000, (batch, 1)), slots, torch.full((batch,), PROMPT + i), one)
+        stage(torch.randint(100, 30000, (batch, 1)), tables, [prompt + i] * batch, [1] * batch)
         times.append(time.perf_counter() - began)
     return statistics.median(times[2:])
 
 
 @torch.inference_mode()
-def time_transformers(model, batch: int) -> float:
+def time_transformers(model, batch: int, prompt: int = PROMPT) -> float:
     cache = DynamicCache(config=model.config)
-    out = model(torch.randint(100, 30000, (batch, PROMPT)), past_key_values=cache, use_cache=True)
+    out = model(torch.randint(100, 30000, (batch, prompt)), past_key_values=cache, use_cache=True)
     times = []
     for _ in range(STEPS):
         began = time.perf_counter()
@@ -58,17 +61,21 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint directory (default: build the 125M Llama)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--context", type=int, default=PROMPT, help="tokens each row holds before decoding")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.model or build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
     num_layers = AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers
-    packed = Stage(model_dir, 0, num_layers, num_slots=max(args.batch), max_len=256)
+    blocks = max(args.batch) * -(-(args.context + STEPS) // BLOCK)
+    packed = Stage(model_dir, 0, num_layers, num_blocks=blocks, block_size=BLOCK)
     with mock.patch("stages.stage.can_pack", lambda device, dtype: False):
-        plain = Stage(model_dir, 0, num_layers, num_slots=max(args.batch), max_len=256)
+        plain = Stage(model_dir, 0, num_layers, num_blocks=blocks, block_size=BLOCK)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    print(f"decode step, whole model, {args.threads} thread(s), median of {STEPS - 2}:")
+    print(f"decode step, whole model, {args.threads} thread(s), {args.context} tokens of context, "
+          f"median of {STEPS - 2}:")
     for batch in args.batch:
-        p, n, hf = time_stage(packed, batch), time_stage(plain, batch), time_transformers(model, batch)
+        p, n = time_stage(packed, batch, args.context), time_stage(plain, batch, args.context)
+        hf = time_transformers(model, batch, args.context)
         print(f"batch {batch:3d}: packed {p * 1e3:6.1f} ms, nn.Linear {n * 1e3:6.1f} ms, "
               f"transformers {hf * 1e3:6.1f} ms; packed is {n / p:.2f}x nn.Linear, {hf / p:.2f}x transformers")
 

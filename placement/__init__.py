@@ -10,7 +10,7 @@ Pure Python: importing it loads neither Ray nor torch. Only `ModelSpec.from_conf
 """
 
 from placement.cluster import GIB, ClusterSpec, DeviceSpec, NodeSpec, load_cluster
-from placement.model_spec import ModelSpec, ModelTallies, PartTally
+from placement.model_spec import ModelSpec, ModelTallies, PartTally, kv_pool_blocks
 from placement.partition import split_even
 from placement.planner import (
     DEFAULT_KV_TOKENS,
@@ -22,6 +22,7 @@ from placement.planner import (
 )
 
 __all__ = [
+    "kv_pool_blocks",
     "DEFAULT_KV_TOKENS",
     "DEFAULT_RESERVE_FRACTION",
     "GIB",

@@ -96,6 +96,16 @@ class ModelTallies:
     model_type: str = ""
 
 
+
+def kv_pool_blocks(kv_tokens: int, block_size: int) -> int:
+    """The KV cache blocks of a stage replica: `kv_tokens` rounded up to whole blocks. The stage
+    allocates them once at start; the planner reserves their bytes (`ModelSpec.stage_kv_bytes`
+    of `blocks * block_size` tokens); nothing grows while serving."""
+    if kv_tokens < 1 or block_size < 1:
+        raise ValueError("a KV pool needs at least one token and blocks of at least one token")
+    return -(-kv_tokens // block_size)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Sizes of a model's parts, as the planner sees them.
@@ -247,7 +257,8 @@ class ModelSpec:
         return total
 
     def stage_kv_bytes(self, start: int, end: int, kv_tokens: int) -> int:
-        """KV-cache bytes for `kv_tokens` cached tokens in blocks `[start, end)`."""
+        """KV-cache bytes for `kv_tokens` cached tokens in blocks `[start, end)`: a stage's block
+        pool of `kv_pool_blocks(kv_tokens, block_size) * block_size` tokens is exactly this."""
         return kv_tokens * (self._prefix_kv[end] - self._prefix_kv[start])
 
     def stage_params(self, start: int, end: int) -> int:

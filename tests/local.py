@@ -13,12 +13,14 @@ from app.generation import ModelInfo
 from app.engine import Engine, EngineConfig, Replica
 from app.pipeline import PipelineClient
 from app.stage_server import StageServer
+from placement import kv_pool_blocks
 from stages import Stage
 
 
 def replicas_of(servers: list[StageServer], num_slots: int) -> list[Replica]:
     """One replica per stage: the stage servers in pipeline order."""
-    return [Replica(f"stage{i}", i, server.address, num_slots) for i, server in enumerate(servers)]
+    return [Replica(f"stage{i}", i, server.address, num_slots, num_blocks=server.stage.cache.num_blocks,
+                    block_size=server.stage.cache.block_size) for i, server in enumerate(servers)]
 
 
 @contextmanager
@@ -54,14 +56,17 @@ def model_info(model_dir: str, name: str, max_model_len: int) -> ModelInfo:
 
 @contextmanager
 def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model", http: bool = False,
-              quantizations: list[str] | None = None, api_keys: tuple[str, ...] = (), **engine_kwargs):
+              quantizations: list[str] | None = None, api_keys: tuple[str, ...] = (), kv_tokens: int | None = None,
+              block_size: int = 16, **engine_kwargs):
     """Yields (TestClient, engine, stage servers) for the model split into `ranges`; with `http`, a
-    real HTTP server's URL instead of the TestClient; with `api_keys`, clients must send one."""
+    real HTTP server's URL instead of the TestClient; with `api_keys`, clients must send one. Each
+    stage's KV pool holds `kv_tokens` (default: `max_batch_size` sequences of `max_model_len`)."""
     config = EngineConfig(**{"max_model_len": 512, **engine_kwargs})
     quantizations = quantizations or ["none"] * len(ranges)
     secret = os.urandom(32)  # the application's data-plane secret
-    servers = [StageServer(Stage(model_dir, start, end, num_slots=config.max_batch_size, max_len=config.max_model_len,
-                                 quantization=q), secret) for (start, end), q in zip(ranges, quantizations)]
+    num_blocks = kv_pool_blocks(kv_tokens or config.max_batch_size * config.max_model_len, block_size)
+    servers = [StageServer(Stage(model_dir, start, end, num_blocks=num_blocks, block_size=block_size, quantization=q),
+                           secret) for (start, end), q in zip(ranges, quantizations)]
     pipeline = PipelineClient(secret)
     engine = Engine(pipeline, config, len(servers))
     engine.set_replicas(replicas_of(servers, config.max_batch_size))

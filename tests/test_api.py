@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from placement import ModelSpec
 from tests.checkpoints import ARCHITECTURES
 from tests.local import local_app
 
@@ -245,10 +246,37 @@ def test_64_concurrent_requests_bounded_by_the_limits(checkpoint):
         watcher.join()
         assert [r["usage"]["completion_tokens"] for r in results] == [8 + i % 24 for i in range(64)]
         assert max(seen_running) <= 16 and engine.num_running == 0 and engine.num_free_slots == 16
-        for server in servers:  # the KV cache never outgrows slots x max_model_len
+        spec = ModelSpec.from_model_dir(model_dir, dtype="float32")
+        for server in servers:  # the KV cache is the pool allocated at start, exactly what the planner counts
             cache = server.stage.cache
-            per_token = 2 * cache.num_kv_heads * cache.head_dim * 4 * (cache.end - cache.start)
-            assert cache.nbytes() <= 16 * 128 * per_token
+            assert cache.nbytes() == spec.stage_kv_bytes(cache.start, cache.end, cache.num_blocks * cache.block_size)
+
+
+def test_a_pool_for_two_sequences_serves_four_by_preemption(checkpoint):
+    """Four greedy requests at once, KV blocks for two: the scheduler pre-empts the latest admitted
+    when a decode needs a block; it resumes by replay and every output equals transformers."""
+    model_dir = checkpoint("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer(f"request {i} asks about the river").input_ids for i in range(4)]
+    expected = [reference_ids(model_dir, ids, 40) for ids in prompts]
+    need = max(len(ids) for ids in prompts) + 40
+    with local_app(model_dir, THREE, kv_tokens=2 * need, block_size=4) as (client, engine, _):
+        results = [None] * 4
+
+        def run(i):
+            results[i] = complete(client, prompt=prompts[i], max_tokens=40, temperature=0, ignore_eos=True,
+                                  logprobs=0)["choices"][0]["logprobs"]["tokens"]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [[tokenizer.decode([t]) for t in ids] for ids in expected]
+        assert engine.stats["preempted"] > 0
+        # One that could never fit (more than the whole pool) gets 400 at once.
+        r = client.post("/v1/completions", json={"model": "model", "prompt": prompts[0], "max_tokens": 2 * need})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "kv_cache_exceeded"
 
 
 def test_mixed_quantization_plan_serves(checkpoint):

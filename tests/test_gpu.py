@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import Stage
 from tests.test_quantization import bnb_config
-from tests.test_stages import PROMPT, SPLITS, greedy
+from tests.test_stages import BLOCK, PROMPT, SPLITS, greedy
 
 
 def on_cuda(test):
@@ -35,7 +35,7 @@ def test_half_precision_stages_on_cuda_match_transformers(checkpoint, arch, dtyp
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
                                                  attn_implementation="sdpa").to("cuda")
     expected = reference(model, ids, 16)
-    stages = [Stage(model_dir, start, end, num_slots=2, dtype=dtype, device="cuda") for start, end in SPLITS[2]]
+    stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK, dtype=dtype, device="cuda") for start, end in SPLITS[2]]
     assert all(p.device.type == "cuda" for stage in stages for p in stage.parameters())
     assert greedy(stages, ids, 16) == expected
 
@@ -49,7 +49,7 @@ def test_quantized_stages_on_cuda_match_bitsandbytes(checkpoint, arch, quantizat
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config(quantization),
                                                  device_map="cuda")
     expected = reference(model, ids, 16)
-    stages = [Stage(model_dir, start, end, num_slots=2, device="cuda", quantization=quantization)
+    stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK, device="cuda", quantization=quantization)
               for start, end in SPLITS[2]]
     assert greedy(stages, ids, 16) == expected
 

@@ -32,21 +32,23 @@ def post_all(url: str, bodies: list[dict], timeout: float = 60) -> list[httpx.Re
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
     for thread in threads:
         thread.start()
-        time.sleep(0.05)  # in this order: the first request takes the first cache slots
+        time.sleep(0.05)  # in this order: the first request takes the first cache blocks
     for thread in threads:
         thread.join()
     return results
 
 
-def poison_slot(server, slot: int, make) -> None:
-    """Makes the stage's rows in cache `slot` come out as `make(output_row)` (or raise)."""
+def poison_slot(server, first_block: int | None, make) -> None:
+    """Makes the stage's rows of the sequence whose KV blocks start at `first_block` (None: every
+    row) come out as `make(output_row)` (or raise). Sequences admitted one after another into a
+    fresh pool take blocks 0, 1, ..."""
     stage = server.stage
     original = stage.forward
 
-    def forward(inputs, slots, starts, num_new, all_logits=False):
-        out = original(inputs, slots, starts, num_new, all_logits=all_logits).clone()
-        for row, row_slot in enumerate(slots.tolist()):
-            if row_slot == slot:
+    def forward(inputs, tables, starts, num_new, all_logits=False):
+        out = original(inputs, tables, starts, num_new, all_logits=all_logits).clone()
+        for row, table in enumerate(tables):
+            if first_block is None or table[0] == first_block:
                 out[row] = make(out[row])
         return out
 
@@ -68,7 +70,7 @@ def test_non_finite_logits_fail_only_their_sequence(checkpoint):
     model_dir = checkpoint("llama")
     expected = greedy_text(model_dir, "the city", 24)
     with local_app(model_dir, TWO, http=True) as (url, engine, servers):
-        poison_slot(servers[-1], 1, lambda row: torch.full_like(row, float("nan")))  # the second request's slot
+        poison_slot(servers[-1], 1, lambda row: torch.full_like(row, float("nan")))  # the second request's blocks
         honest, poisoned = post_all(url, [{"prompt": "the city", "max_tokens": 24, "min_tokens": 24, "temperature": 0},
                                           {"prompt": "a river", "max_tokens": 24, "temperature": 0.7}])
         assert honest.status_code == 200 and honest.json()["choices"][0]["text"] == expected
@@ -76,7 +78,7 @@ def test_non_finite_logits_fail_only_their_sequence(checkpoint):
         error = poisoned.json()["error"]
         assert error["type"] == "internal_server_error" and "not finite" in error["message"]
         # streamed: an error event, then [DONE]
-        poison_slot(servers[-1], 0, lambda row: torch.full_like(row, float("inf")))
+        poison_slot(servers[-1], None, lambda row: torch.full_like(row, float("inf")))
         r = httpx.post(url + "/v1/completions", json={"model": "model", "prompt": "a river", "max_tokens": 4,
                                                       "stream": True}, timeout=60)
         events = [line for line in r.text.split("\n\n") if line]

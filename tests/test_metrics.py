@@ -84,7 +84,7 @@ def test_hooks_in_process(checkpoint):
     config = EngineConfig(max_model_len=256)
     stage_metrics = [Recorder(), Recorder()]
     secret = b"the application's data-plane secret"
-    servers = [StageServer(Stage(model_dir, start, end, num_slots=config.max_batch_size, max_len=256), secret,
+    servers = [StageServer(Stage(model_dir, start, end, num_blocks=64), secret,
                            metrics=m) for (start, end), m in zip([(0, 3), (3, 6)], stage_metrics)]
     pipeline = PipelineClient(secret)
     ingress = Recorder()

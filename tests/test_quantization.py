@@ -23,7 +23,7 @@ from stages import Stage
 from stages.loading import weight_map
 from tests.checkpoints import build_llama_125m
 from tests.recording import record_reads
-from tests.test_stages import PROMPT, SPLITS, greedy, step
+from tests.test_stages import BLOCK, PROMPT, SPLITS, contiguous, greedy, step
 
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt:UserWarning")
 
@@ -81,10 +81,12 @@ def generate(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], 
 
 
 def teacher_forced(stages: list[Stage], prompt_ids: list[int], tokens: list[int], slot: int) -> list[torch.Tensor]:
-    """The stages' logits at each step when fed `tokens` (not their own choices), in cache `slot`."""
-    logits = [step(stages, torch.tensor([prompt_ids]), [slot], [0], [len(prompt_ids)])[0]]
+    """The stages' logits at each step when fed `tokens` (not their own choices), in the blocks of `slot`."""
+    blocks = contiguous(slot)
+    logits = [step(stages, torch.tensor([prompt_ids]), [blocks(len(prompt_ids))], [0], [len(prompt_ids)])[0]]
     for i, token in enumerate(tokens[:-1]):
-        logits.append(step(stages, torch.tensor([[token]]), [slot], [len(prompt_ids) + i], [1])[0])
+        length = len(prompt_ids) + i + 1
+        logits.append(step(stages, torch.tensor([[token]]), [blocks(length)], [length - 1], [1])[0])
     return logits
 
 
@@ -99,7 +101,7 @@ def test_quantized_stages_match_transformers_bitsandbytes(checkpoint, arch, quan
     model_dir = checkpoint(arch)
     ids = prompt_ids(model_dir)
     expected, _ = generate(reference_model(model_dir, quantization), ids, 16)
-    stages = [Stage(model_dir, start, end, num_slots=2, quantization=quantization)
+    stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK, quantization=quantization)
               for start, end in SPLITS[num_stages]]
     assert greedy(stages, ids, 16) == expected
 
@@ -109,8 +111,8 @@ def test_mixed_plan_matches_transformers_quantizing_the_same_blocks(checkpoint, 
     """Stage 0 and stage 1 quantized differently; the reference quantizes the same blocks the same way."""
     model_dir = checkpoint("llama")
     ids = prompt_ids(model_dir)
-    stages = [Stage(model_dir, 0, 3, num_slots=2, quantization=first),
-              Stage(model_dir, 3, 6, num_slots=2, quantization=second)]
+    stages = [Stage(model_dir, 0, 3, num_blocks=64, block_size=BLOCK, quantization=first),
+              Stage(model_dir, 3, 6, num_blocks=64, block_size=BLOCK, quantization=second)]
     # transformers skips the blocks of the float stage; lm_head must be named: it is the default skip.
     float_blocks = range(0, 3) if first is None else range(3, 6) if second is None else []
     skip = [f"model.layers.{i}" for i in float_blocks] + ["lm_head"]
@@ -132,7 +134,7 @@ def test_moe_checkpoints_stored_per_expert_load_and_match_transformers(checkpoin
     ids = prompt_ids(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     expected = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
-    stages = [Stage(model_dir, start, end, num_slots=2) for start, end in SPLITS[num_stages]]
+    stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK) for start, end in SPLITS[num_stages]]
     assert greedy(stages, ids, 32) == expected[0, len(ids):].tolist()
 
 
@@ -145,9 +147,9 @@ def test_quantized_experts(checkpoint, arch, quantization):
     exact_tokens, exact_logits = generate(reference_model(model_dir, quantization, round_trip_experts=True), ids, 32)
     float_tokens, float_logits = generate(reference_model(model_dir, quantization), ids, 32)
     for num_stages in (2, 3):
-        stages = [Stage(model_dir, start, end, num_slots=3, quantization=quantization)
+        stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK, quantization=quantization)
                   for start, end in SPLITS[num_stages]]
-        assert greedy(stages, ids, 32, slot=0) == exact_tokens
+        assert greedy(stages, ids, 32, contiguous(0)) == exact_tokens
         ours = teacher_forced(stages, ids, exact_tokens, slot=1)
         exact_diff = max(float((a - b).abs().max()) for a, b in zip(ours, exact_logits))
         assert exact_diff <= 1e-4
@@ -209,14 +211,14 @@ def peak():
 model_dir, quantization, start, end = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 base = peak()
 stage = Stage(model_dir, start, end, quantization=None if quantization == "none" else quantization,
-              num_slots=1, max_len=64)
+              num_blocks=4, block_size=16)
 with torch.no_grad():  # float weights kept from the checkpoint's memory map become resident
     for tensor in [*stage.parameters(), *stage.buffers()]:
         if tensor.is_floating_point() and not tensor.is_mkldnn:  # packed ones are copies, resident
             tensor.sum()
 loaded = peak()
 inputs = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]) if start == 0 else torch.randn(1, 8, stage.config.hidden_size)
-step([stage], inputs, [0], [0], [8])
+step([stage], inputs, [[0]], [0], [8])
 print(json.dumps({"load_peak": loaded - base, "step_peak": peak() - base, "weight_bytes": stage.weight_bytes()}))
 """
 

@@ -37,16 +37,17 @@ class Cluster:
         self.num_slots = num_slots
         self.secret = SECRET
         self.servers = {
-            "a": StageServer(Stage(model_dir, 0, 3, num_slots=num_slots, max_len=128), SECRET),
-            "b1": StageServer(Stage(model_dir, 3, 6, num_slots=num_slots, max_len=128), SECRET),
-            "b2": StageServer(Stage(model_dir, 3, 6, num_slots=num_slots, max_len=128), SECRET),
+            "a": StageServer(Stage(model_dir, 0, 3, num_blocks=num_slots * 8), SECRET),
+            "b1": StageServer(Stage(model_dir, 3, 6, num_blocks=num_slots * 8), SECRET),
+            "b2": StageServer(Stage(model_dir, 3, 6, num_blocks=num_slots * 8), SECRET),
         }
         self.draining: set[str] = set()
         self.present = set(self.servers)
 
     def replicas(self) -> list[Replica]:
         return [Replica(rid, 0 if rid == "a" else 1, self.servers[rid].address, self.num_slots,
-                        draining=rid in self.draining) for rid in sorted(self.present)]
+                        draining=rid in self.draining, num_blocks=self.num_slots * 8, block_size=16)
+                for rid in sorted(self.present)]
 
     def close(self):
         for server in self.servers.values():

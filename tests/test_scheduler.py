@@ -37,8 +37,8 @@ def seq(num_prompt: int) -> Sequence:
     return Sequence(list(range(1, num_prompt + 1)), SamplingParams(max_tokens=8), events=None)
 
 
-def pool_of(*replicas: Replica, drained=None) -> ReplicaPool:
-    pool = ReplicaPool(2, on_drained=drained)
+def pool_of(*replicas: Replica, drained=None, prefix_caching=True) -> ReplicaPool:
+    pool = ReplicaPool(2, on_drained=drained, prefix_caching=prefix_caching)
     assert pool.set(list(replicas)) == list(replicas)  # all new: the engine watches them
     return pool
 
@@ -66,7 +66,7 @@ def test_prefill_is_chunked_to_the_budget_and_alternates_with_decode():
     present = {"a0", "a1"}
 
     def step() -> list[tuple[int, int]]:
-        [(route, rows)] = list(scheduler.next_batches(running, present, {}))
+        [(route, rows)] = list(scheduler.next_batches(running, present, {}, waiting, pool))
         for row in rows:  # the step completes: its tokens are cached
             row.seq.in_flight = False
             row.seq.num_cached = row.start + row.num_new
@@ -80,7 +80,7 @@ def test_prefill_is_chunked_to_the_budget_and_alternates_with_decode():
     assert step() == [(0, 1)]
     assert step() == [(1, 2)]  # the rest of the prompt
     # Nothing is scheduled through a replica that cannot be reached.
-    assert list(scheduler.next_batches(running, {"a0"}, {})) == []
+    assert list(scheduler.next_batches(running, {"a0"}, {}, waiting, pool)) == []
 
 
 def test_micro_batches_share_the_decoding_sequences_of_a_route():
@@ -90,10 +90,10 @@ def test_micro_batches_share_the_decoding_sequences_of_a_route():
     scheduler.admit(waiting, running, pool)
     for s in running:
         s.num_cached, s.output_ids = 2, [9]
-    batches = list(scheduler.next_batches(running, {"a0", "a1"}, {}))
+    batches = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
     assert [len(rows) for _, rows in batches] == [3, 2]
     assert all(s.in_flight for s in running)  # claimed until their step returns
-    assert list(scheduler.next_batches(running, {"a0", "a1"}, {("a0", "a1"): 2})) == []
+    assert list(scheduler.next_batches(running, {"a0", "a1"}, {("a0", "a1"): 2}, waiting, pool)) == []
 
 
 def test_a_draining_replica_is_released_once_it_holds_nothing_and_a_gone_one_forgotten():
@@ -109,3 +109,41 @@ def test_a_draining_replica_is_released_once_it_holds_nothing_and_a_gone_one_for
     pool.tidy()
     assert "a0" not in pool.replicas and "a0" not in pool.free  # it held nothing
     assert pool.set([Replica("a0", 0, "x:1", 2)]) == []  # a gone replica does not come back
+
+
+def test_a_sequence_is_admitted_when_its_blocks_fit_and_the_latest_is_preempted_for_a_decode():
+    # 4 blocks of 4 tokens per replica: two 6-token prompts take 2 blocks each.
+    pool = pool_of(Replica("a0", 0, "x:1", 8, num_blocks=4, block_size=4),
+                   Replica("a1", 1, "x:2", 8, num_blocks=4, block_size=4), prefix_caching=False)
+    scheduler = Scheduler(EngineConfig(), 2)
+    first, second, third = seq(6), seq(6), seq(6)
+    waiting, running = [first, second, third], []
+    scheduler.admit(waiting, running, pool)
+    assert running == [first, second] and waiting == [third]  # no blocks left for the third
+    for s in running:
+        s.num_cached, s.output_ids = 6, [5, 5, 5]  # 9 tokens: a third block each to go on
+    [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+    # The first needs a block: the latest admitted (the second) gives its blocks up and waits first.
+    assert [row.seq for row in rows] == [first] and scheduler.preempted == [second]
+    assert waiting == [second, third] and second.route is None and second.num_cached == 0
+    assert len(first.tables[0].blocks) == 3 and pool.blocks["a0"].num_free == 1
+
+
+def test_a_cached_prefix_is_taken_not_computed_and_only_where_every_stage_has_it():
+    pool = pool_of(Replica("a0", 0, "x:1", 8, num_blocks=16, block_size=4),
+                   Replica("a1", 1, "x:2", 8, num_blocks=16, block_size=4))
+    scheduler = Scheduler(EngineConfig(), 2)
+    first = seq(10)
+    running, waiting = [], [first]
+    scheduler.admit(waiting, running, pool)
+    first.num_cached = 10
+    pool.cache_computed(first)  # its first two blocks are full: cached on both replicas
+    second = Sequence(first.prompt_ids[:9] + [77, 78], SamplingParams(), events=None)
+    waiting.append(second)
+    scheduler.admit(waiting, running, pool)
+    assert second.num_cached == 8 and scheduler.cached_tokens == 8  # two blocks shared, 3 tokens to compute
+    assert second.tables[0].blocks[:2] == first.tables[0].blocks[:2]
+    echo = Sequence(list(first.prompt_ids), SamplingParams(logprobs=1), events=None, prompt_logprobs=True)
+    waiting.append(echo)
+    scheduler.admit(waiting, running, pool)
+    assert echo.num_cached == 0  # its prompt's log-probabilities are computed, not taken

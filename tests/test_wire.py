@@ -27,9 +27,10 @@ def frame(header, payload: bytes = b"", head_len: int | None = None) -> bytes:
     return Q.pack(len(head) if head_len is None else head_len) + head + Q.pack(len(payload)) + payload
 
 
-def step_header(route, slots=((0,),), tensor=("int64", [1, 1])) -> dict:
-    return {"kind": "step", "step": 7, "route": route, "slots": [list(s) for s in slots], "starts": [0],
-            "num_new": [1], "all_logits": False, "tensors": [list(tensor)]}
+def step_header(route, tables=(((0,),),), tensor=("int64", [1, 1]), starts=(0,), num_new=(1,)) -> dict:
+    """A step of one row per stage left on the route: `tables[stage][row]` its blocks there."""
+    return {"kind": "step", "step": 7, "route": route, "tables": [[list(t) for t in s] for s in tables],
+            "starts": list(starts), "num_new": list(num_new), "all_logits": False, "tensors": [list(tensor)]}
 
 
 TOKEN = struct.pack("<q", 5)  # one int64 token id
@@ -85,8 +86,8 @@ def test_strangers_are_refused_and_nothing_is_computed_for_them(checkpoint):
         attacks = {
             # a step with no route used to kill the compute thread
             "no route": frame({k: v for k, v in step_header([spy.address]).items() if k != "route"}, TOKEN),
-            # compute for me, send the activations where I say, in a slot I choose (another user's cache)
-            "compute for me": frame(step_header([last.address, spy.address], slots=((0,), (0,))), TOKEN),
+            # compute for me, send the activations where I say, in blocks I choose (another user's cache)
+            "compute for me": frame(step_header([last.address, spy.address], tables=(((0,),), ((0,),))), TOKEN),
             "drain": frame({"kind": "released", "tensors": []}),
             "autoscale": frame({"kind": "demand", "sequences": 99, "waiting": 99.0, "tensors": []}),
             "huge header": Q.pack(2**62),
@@ -147,7 +148,10 @@ def test_forged_results_change_no_one_s_tokens(checkpoint):
     ("negative dimension", frame(step_header(["x:1"], tensor=("int64", [-1, -8])), TOKEN)),
     ("payload over the cap", frame(step_header(["x:1"]))[:-8] + Q.pack(2**50)),
     ("no route", frame({k: v for k, v in step_header(["x:1"]).items() if k != "route"}, TOKEN)),
-    ("slot beyond the cache", frame(step_header(["x:1"], slots=((99,),)), TOKEN)),
+    ("block beyond the cache", frame(step_header(["x:1"], tables=(((10**6,),),)), TOKEN)),
+    ("fewer blocks than tokens", frame(step_header(["x:1"], tables=(((0,),),), starts=(16,)), TOKEN)),
+    ("two rows write one position", frame(step_header(["x:1"], tables=(((3,), (3,)),), tensor=("int64", [2, 1]),
+                                                      starts=(0, 0), num_new=(1, 1)), TOKEN * 2)),
     ("route through a stranger", frame(step_header(["10.9.9.9:1"]), TOKEN)),
 ])
 def test_even_an_authenticated_peer_cannot_send_a_malformed_message(checkpoint, name, data):
