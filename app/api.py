@@ -60,8 +60,9 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
         entries = announced() if announced is not None else [
             {"id": r.id, "stage": r.stage, "state": "ready", "draining": r.draining, "node": r.address.rpartition(":")[0]}
             for r in engine.replicas.values()]
-        held = {r["id"]: r["sequences"] for r in engine.replica_load()}
-        return stage_report(engine.num_stages, entries, held, problems() if problems is not None else None)
+        load = engine.replica_load()
+        return stage_report(engine.num_stages, entries, {r["id"]: r["sequences"] for r in load},
+                            problems() if problems is not None else None, {r["id"]: r["blocks"] for r in load})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -139,6 +139,9 @@ def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
 
     limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None) or 4096
     max_model_len = min(args.max_model_len or min(limit, 4096), limit)
+    if pool_tokens(args) < max_model_len:
+        raise ValueError(f"plan_kv_tokens ({args.plan_kv_tokens}) must hold at least one sequence of max_model_len "
+                         f"({max_model_len}) tokens: raise it, or lower max_model_len")
     return EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_model_len,
                         max_prefill_tokens=args.max_prefill_tokens, num_microbatches=args.num_microbatches,
                         max_queued_requests=args.max_queued_requests, step_timeout_s=args.step_timeout_s,

@@ -299,7 +299,9 @@ class Ingress:
         while True:
             try:
                 await self.refresh()
-                await asyncio.to_thread(self._tell_demand, self.engine.replica_load())
+                load = self.engine.replica_load()
+                self.metrics.set_blocks(load)
+                await asyncio.to_thread(self._tell_demand, load)
                 report = stage_report(self.num_stages, self.announced, problems=self.problems())
                 if self.rehomer is not None:
                     await asyncio.to_thread(self.rehomer.check, report)

@@ -8,7 +8,8 @@ turns those announcements into one line per stage, the health contract:
     {"status": "ok" | "unavailable",
      "engine": {"alive": bool, "restarts": int},
      "stages": [{"name": "Stage0", "state": "ready|starting|failed|missing|draining",
-                 "replicas": [{"state", "node", "sequences", "error"}, ...],
+                 "replicas": [{"state", "node", "sequences", "error",
+                               "blocks": {"used", "free", "cached", "total"} | None}, ...],
                  "node": "10.0.0.5", "error": str | None}, ...]}
 
 200 when every stage is ready or draining, otherwise 503 with the same body.
@@ -26,7 +27,7 @@ def replica_state(announced: dict) -> str:
 
 
 def stage_report(num_stages: int, announced: list[dict], sequences: dict[str, int] | None = None,
-                 problems: dict[str, str] | None = None) -> list[dict]:
+                 problems: dict[str, str] | None = None, blocks: dict[str, dict] | None = None) -> list[dict]:
     """One entry per stage, in pipeline order (see the module docstring).
 
     Args:
@@ -35,6 +36,8 @@ def stage_report(num_stages: int, announced: list[dict], sequences: dict[str, in
         sequences: replica id -> sequences it holds (the engine's count).
         problems: stage name -> why a missing stage cannot come back (its node gone for good, no
             other node with room; see `app.rehome`).
+        blocks: replica id -> its KV cache blocks used, free (cached ones included), cached (holding
+            a prefix that later prompts can share) and in all (the engine's count).
 
     Returns:
         The stages' entries.
@@ -44,7 +47,7 @@ def stage_report(num_stages: int, announced: list[dict], sequences: dict[str, in
     for index in range(num_stages):
         mine = sorted((r for r in announced if r["stage"] == index), key=lambda r: r["id"])
         replicas = [{"state": replica_state(r), "node": r.get("node"), "sequences": sequences.get(r["id"], 0),
-                     "error": r.get("error")} for r in mine]
+                     "error": r.get("error"), "blocks": (blocks or {}).get(r["id"])} for r in mine]
         states = {r["state"] for r in replicas}
         # The best state of any replica is the stage's: one ready replica serves it.
         state = next((s for s in ("ready", "draining", "starting", "failed") if s in states), "missing")

@@ -226,6 +226,9 @@ class IngressMetrics:
         self._sequence_errors = tagged(metrics.Counter(
             "stagewise_sequence_errors", "Sequences ended by an error of their own (sampling, text, a step that "
             "kept failing), by reason.", tag_keys=("model", "reason")))
+        self._blocks = tagged(metrics.Gauge(
+            "stagewise_kv_blocks", "KV cache blocks of each stage: used, free (cached ones included) and cached "
+            "(holding a prefix later prompts can share).", tag_keys=("model", "stage", "kind")))
         self._preemptions = tagged(metrics.Counter(
             "stagewise_preemptions", "Sequences pre-empted for want of a free KV cache block (they resume by "
             "replay).", tag_keys=("model",)))
@@ -264,6 +267,19 @@ class IngressMetrics:
             self._running, self._waiting = running, waiting
             self._running_gauge.set(running)
             self._waiting_gauge.set(waiting)
+
+    def set_blocks(self, replicas: list[dict]) -> None:
+        """KV cache blocks of each stage (its replicas summed): used, free and cached (`replicas`:
+        the engine's `replica_load()`)."""
+        if not self.enabled:
+            return
+        totals: dict[tuple[str, str], int] = {}
+        for replica in replicas:
+            for kind in ("used", "free", "cached"):
+                key = (f"Stage{replica['stage']}", kind)
+                totals[key] = totals.get(key, 0) + replica["blocks"][kind]
+        for (stage, kind), value in totals.items():
+            self._blocks.set(value, tags={"stage": stage, "kind": kind})
 
     def recovery(self) -> None:
         if self.enabled:

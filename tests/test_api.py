@@ -293,3 +293,24 @@ def test_mixed_quantization_plan_serves(checkpoint):
         body = complete(client, prompt=prompt_ids, max_tokens=12, temperature=0, ignore_eos=True)
         assert body["choices"][0]["text"] == tokenizer.decode(chained, clean_up_tokenization_spaces=False)
         assert servers[0].stage.weight_bytes() < servers[1].stage.weight_bytes()
+
+
+def test_a_shared_prefix_is_computed_once(checkpoint):
+    """Two prompts that start with the same 400 tokens: the second takes the first's full blocks from
+    the prefix cache on every stage, computes only the rest, and answers as transformers does."""
+    model_dir = checkpoint("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prefix = tokenizer(" ".join(["the river runs past the old stone garden"] * 50)).input_ids[:400]
+    prompts = [prefix + tokenizer(" and the city").input_ids, prefix + tokenizer(" a quick fox").input_ids]
+    with local_app(model_dir, THREE, block_size=16) as (client, engine, _):
+        for ids in prompts:
+            body = complete(client, prompt=ids, max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+            assert body["choices"][0]["logprobs"]["tokens"] == [tokenizer.decode([t]) for t in
+                                                                reference_ids(model_dir, ids, 8)]
+        assert engine.scheduler.cached_tokens == 400 // 16 * 16  # the second took 25 full blocks
+        blocks = [r["blocks"] for r in engine.replica_load()]
+        assert all(b["cached"] >= 25 and b["used"] == 0 for b in blocks), blocks
+    with local_app(model_dir, THREE, block_size=16, prefix_caching=False) as (client, engine, _):
+        for ids in prompts:
+            complete(client, prompt=ids, max_tokens=2)
+        assert engine.scheduler.cached_tokens == 0

@@ -52,7 +52,7 @@ def test_auto_places_stages_on_the_planned_nodes(cluster, model_dir, tmp_path):
     from app.builder import BuilderArgs, build_app, plan_stages
     import ray
 
-    args = {"model": model_dir, "num_stages": "auto", "plan_kv_tokens": 16, "max_model_len": 128,
+    args = {"model": model_dir, "num_stages": "auto", "plan_kv_tokens": 128, "max_model_len": 128,
             "max_batch_size": 4}
     planned = plan_stages(model_dir, BuilderArgs(**args))
     assert len(planned) >= 2  # no node holds the model
