@@ -13,13 +13,16 @@ transformers' own attention modules (projections, rotary, norms) run unchanged a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 ATTENTION = "stagewise"
+# Steps whose rows are all this short gather them into one padded batch (a copy of a few KiB
+# per row) for one attention call: cheaper than an attention call per row.
+GATHER_MAX_TOKENS = 48  # measured: an attention call per row is cheaper from about 48 tokens on
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class PagedRows:
         valid: (B, T) True where a token is real, None when every one is.
         runs: per row, (flat start, flat end, first logical position) of each run of consecutive
             blocks that holds its tokens `0 .. starts + num_new`.
+        gather_index: (B, L) flat pool position of each row's tokens in order (padded with 0),
+            when every row holds at most `GATHER_MAX_TOKENS` (else None).
     """
 
     starts: list[int]
@@ -40,6 +45,8 @@ class PagedRows:
     write_index: torch.Tensor
     valid: torch.Tensor | None
     runs: list[list[tuple[int, int, int]]]
+    gather_index: torch.Tensor | None = None
+    masks: dict = field(default_factory=dict)  # window -> (B, 1, T, L) mask of the gathered batch
 
     @classmethod
     def build(cls, tables: list[list[int]], starts: list[int], num_new: list[int], width: int,
@@ -60,8 +67,29 @@ class PagedRows:
                     row_runs.append((flat, end, logical))
             runs.append(row_runs)
         valid = torch.arange(width)[None, :] < torch.tensor(num_new)[:, None]
+        lengths = [start + new for start, new in zip(starts, num_new)]
+        gather = None
+        if max(lengths) <= GATHER_MAX_TOKENS:
+            gather = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+            for b, row_runs in enumerate(runs):
+                flat = [p for fs, fe, _ in row_runs for p in range(fs, fe)]
+                gather[b, :len(flat)] = torch.tensor(flat)
         return cls(list(starts), list(num_new), torch.tensor(write, dtype=torch.long),
-                   None if bool(valid.all()) else valid, runs)
+                   None if bool(valid.all()) else valid, runs, gather)
+
+    def gathered_mask(self, window: int | None, device) -> torch.Tensor:
+        """(B, 1, T, L) True where a query of the gathered batch sees a key (padded queries see
+        what their row's last real one sees, so that no row is all masked)."""
+        if window not in self.masks:
+            new = torch.tensor(self.num_new)
+            t = torch.minimum(torch.arange(max(self.num_new))[None, :], (new - 1)[:, None])
+            queries = (torch.tensor(self.starts)[:, None] + t)[:, :, None]  # (B, T, 1)
+            keys = torch.arange(self.gather_index.shape[1])[None, None, :]  # (1, 1, L)
+            visible = keys <= queries
+            if window is not None:
+                visible &= keys > queries - window
+            self.masks[window] = visible[:, None].to(device)
+        return self.masks[window]
 
 
 class PagedKVCache:
@@ -127,6 +155,12 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     num_rows, num_heads, width, dim = query.shape
     groups = num_heads // key.shape[1]
     scale = scaling if scaling is not None else dim ** -0.5
+    if paged_rows.gather_index is not None and softcap is None:  # short rows: one padded batch
+        index = paged_rows.gather_index.to(key.device)
+        keys, values = key[0][:, index].transpose(0, 1), value[0][:, index].transpose(0, 1)  # (B, H, L, D)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=paged_rows.gathered_mask(window, query.device),
+                                             scale=scale, enable_gqa=groups > 1)
+        return out.transpose(1, 2), None
     out = query.new_zeros(num_rows, width, num_heads, dim)
     for b, (start, new, runs) in enumerate(zip(paged_rows.starts, paged_rows.num_new, paged_rows.runs)):
         q = query[b:b + 1, :, :new]  # (1, Hq, T_b, D)
