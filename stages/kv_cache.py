@@ -1,160 +1,201 @@
-"""Key/value cache of one stage: preallocated per-sequence slots.
+"""A stage's KV cache as a fixed pool of blocks, and attention that reads the blocks in place.
 
-Every open sequence owns one slot (chosen by the scheduler, which knows nothing of tensors), and
-a slot holds that sequence's keys and values for every block of the stage. A batched step names
-the slot, the first new position and the number of new tokens of each row, so sequences of
-different lengths are decoded in one forward. Nothing is ever concatenated: new keys are written
-in place, and attention reads `[:length]` of each row's slot.
+The pool of each block (layer) is one tensor `(1, kv_heads, num_blocks * block_size, head_dim)`,
+allocated once. A step gives each row a block table (physical blocks in logical order); the new
+keys and values are written where the table says, and attention reads each row's context as
+views of the pool: one view per run of physically consecutive blocks (a sequence's blocks are
+usually one run; a shared prefix and the private rest make two). Runs are combined with their
+log-sum-exp, the way flash attention combines tiles, so no step copies a context.
+
+The attention function is registered with transformers' `AttentionInterface` as "stagewise", so
+transformers' own attention modules (projections, rotary, norms) run unchanged and call it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION = "stagewise"
+# Steps whose rows are all this short gather them into one padded batch (a copy of a few KiB
+# per row) for one attention call: cheaper than an attention call per row.
+GATHER_MAX_TOKENS = 48  # measured: an attention call per row is cheaper from about 48 tokens on
 
 
 @dataclass(frozen=True)
-class StepRows:
-    """Where the new tokens of one batched step go in the cache.
+class PagedRows:
+    """Where one step's tokens go in the pool and what each row reads.
 
     Attributes:
-        slots: (B,) cache slot of each row.
-        starts: (B,) position of each row's first new token (its cached length so far).
-        num_new: (B,) real new tokens of each row; rows are right-padded to the longest.
-        length: max over rows of `starts + num_new`: the key length attention reads.
-        write_slots: (N,) slot of each real new token, N = sum(num_new).
-        write_positions: (N,) position of each real new token.
-        valid: (B, T) True where a token is real, None when every token is (no padding).
-        slot_range: (first, count) when `slots` is a run of consecutive slots, which lets
-            attention read a view instead of gathering; None otherwise.
+        starts: (B,) position of each row's first new token.
+        num_new: (B,) real new tokens of each row (rows are right-padded to the longest).
+        write_index: (N,) flat pool position of each real new token, in row order.
+        valid: (B, T) True where a token is real, None when every one is.
+        runs: per row, (flat start, flat end, first logical position) of each run of consecutive
+            blocks that holds its tokens `0 .. starts + num_new`.
+        gather_index: (B, L) flat pool position of each row's tokens in order (padded with 0),
+            when every row holds at most `GATHER_MAX_TOKENS` (else None).
     """
 
-    slots: torch.Tensor
-    starts: torch.Tensor
-    num_new: torch.Tensor
-    length: int
-    write_slots: torch.Tensor
-    write_positions: torch.Tensor
+    starts: list[int]
+    num_new: list[int]
+    write_index: torch.Tensor
     valid: torch.Tensor | None
-    slot_range: tuple[int, int] | None
+    runs: list[list[tuple[int, int, int]]]
+    gather_index: torch.Tensor | None = None
+    masks: dict = field(default_factory=dict)  # window -> (B, 1, T, L) mask of the gathered batch
 
     @classmethod
-    def build(cls, slots: torch.Tensor, starts: torch.Tensor, num_new: torch.Tensor, width: int) -> StepRows:
-        """Derives the write indices of a step.
+    def build(cls, tables: list[list[int]], starts: list[int], num_new: list[int], width: int,
+              block_size: int) -> PagedRows:
+        write, runs = [], []
+        for table, start, new in zip(tables, starts, num_new):
+            length = start + new
+            if -(-length // block_size) > len(table):
+                raise ValueError(f"a row of {length} tokens needs more than its {len(table)} blocks")
+            write += [table[p // block_size] * block_size + p % block_size for p in range(start, length)]
+            row_runs: list[tuple[int, int, int]] = []
+            for logical in range(0, length, block_size):
+                flat = table[logical // block_size] * block_size
+                end = flat + min(block_size, length - logical)
+                if row_runs and row_runs[-1][1] == flat:
+                    row_runs[-1] = (row_runs[-1][0], end, row_runs[-1][2])
+                else:
+                    row_runs.append((flat, end, logical))
+            runs.append(row_runs)
+        valid = torch.arange(width)[None, :] < torch.tensor(num_new)[:, None]
+        lengths = [start + new for start, new in zip(starts, num_new)]
+        gather = None
+        if max(lengths) <= GATHER_MAX_TOKENS:
+            gather = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+            for b, row_runs in enumerate(runs):
+                flat = [p for fs, fe, _ in row_runs for p in range(fs, fe)]
+                gather[b, :len(flat)] = torch.tensor(flat)
+        return cls(list(starts), list(num_new), torch.tensor(write, dtype=torch.long),
+                   None if bool(valid.all()) else valid, runs, gather)
 
-        Args:
-            slots: (B,) int64 slot of each row.
-            starts: (B,) int64 first new position of each row.
-            num_new: (B,) int64 real new tokens of each row, each in 1..width.
-            width: T, the padded number of new tokens per row.
-
-        Returns:
-            The step's rows.
-        """
-        offsets = torch.arange(width)
-        valid = offsets[None, :] < num_new[:, None]  # (B, T)
-        positions = starts[:, None] + offsets[None, :]  # (B, T)
-        all_valid = bool(valid.all())
-        slot_list = slots.tolist()
-        consecutive = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
-        return cls(
-            slots=slots,
-            starts=starts,
-            num_new=num_new,
-            length=int((starts + num_new).max()),
-            write_slots=slots[:, None].expand(-1, width)[valid],
-            write_positions=positions[valid],
-            valid=None if all_valid else valid,
-            slot_range=(slot_list[0], len(slot_list)) if consecutive else None,
-        )
+    def gathered_mask(self, window: int | None, device) -> torch.Tensor:
+        """(B, 1, T, L) True where a query of the gathered batch sees a key (padded queries see
+        what their row's last real one sees, so that no row is all masked)."""
+        if window not in self.masks:
+            new = torch.tensor(self.num_new)
+            t = torch.minimum(torch.arange(max(self.num_new))[None, :], (new - 1)[:, None])
+            queries = (torch.tensor(self.starts)[:, None] + t)[:, :, None]  # (B, T, 1)
+            keys = torch.arange(self.gather_index.shape[1])[None, None, :]  # (1, 1, L)
+            visible = keys <= queries
+            if window is not None:
+                visible &= keys > queries - window
+            self.masks[window] = visible[:, None].to(device)
+        return self.masks[window]
 
 
-class KVCache:
-    """Keys and values of the blocks `[start, end)` for `num_slots` sequences.
+class PagedKVCache:
+    """Keys and values of the blocks `[start, end)` in a pool of `num_blocks` blocks.
 
-    Follows the `update(key, value, layer_idx, ...)` protocol of transformers' `Cache`,
-    which its attention modules call with their global block index.
-
-    Args:
-        start: first block of the stage (global index).
-        end: one past its last block.
-        num_slots: sequences held at once.
-        max_len: longest sequence (prompt + output) in tokens.
-        num_kv_heads: key/value heads per block.
-        head_dim: size of one head.
-        dtype: storage dtype (the stage's dtype).
-        device: where the cache lives.
+    Follows the `update(key, value, layer_idx, ...)` protocol of transformers' `Cache`; the
+    "stagewise" attention function reads what `update` wrote through the step's `PagedRows`.
     """
 
-    # Buffers start short and double as sequences grow, so that memory follows the longest
-    # sequence actually served, not max_len.
-    initial_len = 256
-
-    def __init__(self, start: int, end: int, num_slots: int, max_len: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, start: int, end: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.start, self.end = start, end
-        self.num_slots, self.max_len = num_slots, max_len
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
-        self.capacity = 0
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.rows: StepRows | None = None
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (1, num_kv_heads, num_blocks * block_size, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(start, end)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(start, end)]
+        self.rows: PagedRows | None = None
 
     def nbytes(self) -> int:
-        """Bytes of the buffers allocated so far."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def begin_step(self, rows: StepRows) -> None:
-        """Makes `rows` the step that the next `update` calls write to; grows buffers if needed."""
-        if rows.length > self.max_len:
-            raise ValueError(f"sequence length {rows.length} exceeds the cache's max_len {self.max_len}")
-        if int(rows.slots.max()) >= self.num_slots or int(rows.slots.min()) < 0:
-            raise ValueError(f"cache slot out of range 0..{self.num_slots - 1}")
-        if rows.length > self.capacity:
-            self._grow(rows.length)
+    def begin_step(self, rows: PagedRows) -> None:
         self.rows = rows
 
-    def _grow(self, length: int) -> None:
-        capacity = max(self.capacity, self.initial_len)
-        while capacity < length:
-            capacity *= 2
-        capacity = min(capacity, self.max_len)
-        shape = (self.num_slots, self.num_kv_heads, capacity, self.head_dim)
-        # zeros, not empty: masked positions are multiplied by 0 in attention, and 0 * NaN is NaN.
-        new_keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.end - self.start)]
-        new_values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.end - self.start)]
-        for old, new in zip(self.keys + self.values, new_keys + new_values):
-            new[:, :, : self.capacity] = old
-        self.keys, self.values, self.capacity = new_keys, new_values, capacity
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args,
-               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes a step's new keys/values and returns each row's keys/values so far.
-
-        Args:
-            key: (B, H, T, D) new keys.
-            value: (B, H, T, D) new values.
-            layer_idx: global block index.
-            *args, **kwargs: ignored (rotary is applied before the cache). transformers 5.23 passes
-                `cache_kwargs` positionally or not at all, 5.24 passes `kwargs=` (the attention's
-                keyword arguments); any later spelling is accepted the same way.
-
-        Returns:
-            keys and values, each (B, H, length, D).
-        """
-        rows = self.rows
-        k_buf, v_buf = self.keys[layer_idx - self.start], self.values[layer_idx - self.start]
-        # (B, H, T, D) -> (B, T, H, D) so that boolean selection of real tokens gives (N, H, D).
-        new_k, new_v = key.transpose(1, 2), value.transpose(1, 2)
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Writes the step's new keys/values (B, H, T, D) into the pool; returns the layer's pool."""
+        rows, k_pool, v_pool = self.rows, self.keys[layer_idx - self.start], self.values[layer_idx - self.start]
+        new_k, new_v = key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
         if rows.valid is not None:
             new_k, new_v = new_k[rows.valid], new_v[rows.valid]
         else:
             new_k, new_v = new_k.reshape(-1, *new_k.shape[2:]), new_v.reshape(-1, *new_v.shape[2:])
-        k_buf[rows.write_slots, :, rows.write_positions] = new_k.to(self.dtype)
-        v_buf[rows.write_slots, :, rows.write_positions] = new_v.to(self.dtype)
-        if rows.slot_range is not None:
-            first, count = rows.slot_range
-            return k_buf[first:first + count, :, : rows.length], v_buf[first:first + count, :, : rows.length]
-        return k_buf[rows.slots, :, : rows.length], v_buf[rows.slots, :, : rows.length]
+        k_pool[0, :, rows.write_index] = new_k.transpose(0, 1).to(k_pool.dtype)
+        v_pool[0, :, rows.write_index] = new_v.transpose(0, 1).to(v_pool.dtype)
+        return k_pool, v_pool
+
+
+def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+    visible = keys[None, :] <= queries[:, None]
+    if window is not None:
+        visible &= keys[None, :] > queries[:, None] - window
+    return visible
+
+
+def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                    scaling: float | None = None, dropout: float = 0.0, *, paged_rows: PagedRows,
+                    paged_windows: tuple[int | None, ...] = (), softcap: float | None = None, **kwargs):
+    """Attention of each row over its blocks in the pool.
+
+    Args:
+        query: (B, Hq, T, D) queries of the step's new tokens.
+        key, value: the layer's pool (1, H, P, D), as `PagedKVCache.update` returns it.
+        attention_mask: unused (each row's causal and window limits come from its positions).
+        scaling: the softmax scale (None: 1/sqrt(D)).
+        paged_rows: the step's rows (passed down from the stage's forward).
+        paged_windows: per block (global index), its sliding window or None (full causal).
+        softcap: Gemma 2's logit soft cap, or None.
+
+    Returns:
+        ((B, T, Hq, D) outputs, None), as transformers' attention functions return them.
+    """
+    window = paged_windows[module.layer_idx] if paged_windows else None
+    num_rows, num_heads, width, dim = query.shape
+    groups = num_heads // key.shape[1]
+    scale = scaling if scaling is not None else dim ** -0.5
+    if paged_rows.gather_index is not None and softcap is None:  # short rows: one padded batch
+        index = paged_rows.gather_index.to(key.device)
+        keys, values = key[0][:, index].transpose(0, 1), value[0][:, index].transpose(0, 1)  # (B, H, L, D)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=paged_rows.gathered_mask(window, query.device),
+                                             scale=scale, enable_gqa=groups > 1)
+        return out.transpose(1, 2), None
+    out = query.new_zeros(num_rows, width, num_heads, dim)
+    for b, (start, new, runs) in enumerate(zip(paged_rows.starts, paged_rows.num_new, paged_rows.runs)):
+        q = query[b:b + 1, :, :new]  # (1, Hq, T_b, D)
+        positions = torch.arange(start, start + new, device=query.device)
+        first = 0 if window is None else max(0, start - window + 1)  # the first query's first key
+        parts = [(fs + max(first - logical, 0), fe, max(logical, first)) for fs, fe, logical in runs
+                 if logical + (fe - fs) > first]
+        if len(parts) == 1 and softcap is None:
+            fs, fe, logical = parts[0]
+            mask = None  # one new token sees every key of its (window-trimmed) run
+            if new > 1:
+                mask = _visible(positions, torch.arange(logical, logical + fe - fs, device=query.device), window)
+            o = F.scaled_dot_product_attention(q, key[:, :, fs:fe], value[:, :, fs:fe], attn_mask=mask, scale=scale,
+                                               enable_gqa=groups > 1)
+            out[b, :new] = o[0].transpose(0, 1)
+            continue
+        # Several runs: each run's softmax numerator and log-sum-exp, combined.
+        qg = q[0].reshape(key.shape[1], groups * new, dim).float() * scale  # (H, g*T, D)
+        total, lse = None, None
+        for fs, fe, logical in parts:
+            scores = torch.matmul(qg, key[0, :, fs:fe].transpose(1, 2).float())  # (H, g*T, L)
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            visible = _visible(positions, torch.arange(logical, logical + fe - fs, device=query.device), window)
+            scores = scores.masked_fill(~visible.repeat(groups, 1)[None], float("-inf"))
+            run_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (H, g*T, 1)
+            run_out = torch.matmul(torch.exp(scores - run_lse).nan_to_num(0.0), value[0, :, fs:fe].float())
+            if total is None:
+                total, lse = run_out, run_lse
+            else:
+                merged = torch.logaddexp(lse, run_lse)
+                total = total * torch.exp(lse - merged).nan_to_num(0.0) + run_out * torch.exp(run_lse - merged).nan_to_num(0.0)
+                lse = merged
+        out[b, :new] = total.reshape(num_heads, new, dim).transpose(0, 1).to(query.dtype)
+    return out, None
+
+
+AttentionInterface.register(ATTENTION, paged_attention)

@@ -3,7 +3,8 @@
 A `Stage` builds the whole model's module tree on the meta device (no memory), keeps the blocks
 `[start, end)` (plus the embeddings on stage 0, the final norm and LM head on the last stage),
 and fills only those from the checkpoint, one tensor at a time. Its forward runs transformers' own
-block modules over a batch of rows of different lengths, against its preallocated `KVCache`.
+block modules over a batch of rows of different lengths, against its KV cache: a pool of blocks
+allocated once (`stages.kv_cache`).
 
 With `quantization="int8"` or `"nf4"` the weight matrices of its blocks are quantized with
 bitsandbytes as each is read (see `stages.quantize`), never the whole range in float first.
@@ -26,7 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from stages.architecture import Architecture, describe
-from stages.paged import ATTENTION, PagedKVCache, PagedRows
+from stages.kv_cache import ATTENTION, PagedKVCache, PagedRows
 from stages.loading import (Conversion, checkpoint_layout, convert, iter_converted_slices, iter_tensors,
                             load_tensors, read_rows, weight_map)
 from stages.packed import PackedLinear, can_pack

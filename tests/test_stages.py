@@ -67,7 +67,7 @@ def test_chained_stages_match_transformers(checkpoint, arch, num_stages, monkeyp
     expected = reference(model_dir, prompt_ids, 32)
     stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK) for start, end in SPLITS[num_stages]]
     assert greedy(stages, prompt_ids, 32) == expected  # short rows: gathered into one batch
-    monkeypatch.setattr("stages.paged.GATHER_MAX_TOKENS", 0)  # every row read in place, by runs
+    monkeypatch.setattr("stages.kv_cache.GATHER_MAX_TOKENS", 0)  # every row read in place, by runs
     assert greedy(stages, prompt_ids, 32) == expected
     assert greedy(stages, prompt_ids, 32, interleaved(1)) == expected  # each block its own run
 
@@ -76,7 +76,7 @@ def test_chained_stages_match_transformers(checkpoint, arch, num_stages, monkeyp
 @pytest.mark.parametrize("num_stages", [2, 3])
 def test_batched_rows_of_different_lengths_match_each_alone(checkpoint, num_stages, gather_max_tokens, monkeypatch):
     """Sequences join and leave mid-generation; each gets exactly what it gets alone."""
-    monkeypatch.setattr("stages.paged.GATHER_MAX_TOKENS", gather_max_tokens)
+    monkeypatch.setattr("stages.kv_cache.GATHER_MAX_TOKENS", gather_max_tokens)
     model_dir = checkpoint("llama")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenizer(p).input_ids for p in
