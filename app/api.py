@@ -8,7 +8,7 @@ import json
 import logging
 import os
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 
 from app import chat, completions, tokens

@@ -154,6 +154,7 @@ class StageDeployment:
         return {"index": self.index, "address": self.server.address, "fetched_bytes": self.fetched_bytes,
                 "start": self.stage.start,
                 "end": self.stage.end, "pid": os.getpid(), "weight_bytes": self.stage.weight_bytes(),
+                "kv_cache_bytes": self.stage.cache.nbytes(),
                 "device": str(self.stage.device), "quantization": self.stage.quantization or "none",
                 **process_memory()}
 

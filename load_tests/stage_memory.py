@@ -1,11 +1,13 @@
 """Peak resident memory of each stage replica, over a bare Serve replica with the same imports.
 
-    python load_tests/stage_memory.py [--model DIR] [--num-stages 4] [--json]
+    python load_tests/stage_memory.py [--model DIR] [--num-stages 4] [--load 64] [--json]
 
 Builds the 125M Llama (12 layers, hidden 768, vocab 32000, float32, sharded safetensors) unless
 --model is given, serves it in N stages in a local Ray cluster, and compares each stage
 replica's VmHWM with that of a bare replica that imported torch, transformers (with the Llama
-modelling code), safetensors and fastapi: what a stage adds is what it loaded.
+modelling code), safetensors and fastapi: what a stage adds is what it loaded. With --load N it
+first serves N concurrent greedy requests with long prompts and outputs, checks each against
+transformers, and sets each stage's peak beside what the plan gives it (weights + KV pool).
 """
 
 from __future__ import annotations
@@ -35,7 +37,46 @@ class Bare:
         return process_memory()
 
 
-def measure(model_dir: str, num_stages: int, quantization: str = "none") -> dict:
+LOAD_PROMPT, LOAD_TOKENS = 200, 64
+
+
+def load_prompts(num: int) -> list[list[int]]:
+    """`num` distinct prompts of LOAD_PROMPT token ids."""
+    import random
+
+    rng = random.Random(0)
+    return [[rng.randrange(100, 30000) for _ in range(LOAD_PROMPT)] for _ in range(num)]
+
+
+def serve_load(url: str, model: str, prompts: list[list[int]]) -> list[list[str]]:
+    """Sends every prompt at once (greedy, LOAD_TOKENS each); returns each answer's tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(ids):
+        body = {"model": model, "prompt": ids, "max_tokens": LOAD_TOKENS, "temperature": 0, "ignore_eos": True,
+                "logprobs": 0}
+        request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return json.load(urllib.request.urlopen(request, timeout=900))["choices"][0]["logprobs"]["tokens"]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def reference(model_dir: str, prompts: list[list[int]]) -> list[list[str]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for ids in prompts:
+        tokens = model.generate(torch.tensor([ids]), max_new_tokens=LOAD_TOKENS, min_new_tokens=LOAD_TOKENS,
+                                do_sample=False)[0, len(ids):].tolist()
+        out.append([tokenizer.decode([t]) for t in tokens])
+    return out
+
+
+def measure(model_dir: str, num_stages: int, quantization: str = "none", load: int = 0) -> dict:
     import ray
     from ray import serve
 
@@ -57,6 +98,7 @@ def measure(model_dir: str, num_stages: int, quantization: str = "none") -> dict
             "Content-Type": "application/json"}, data=json.dumps({"model": os.path.basename(model_dir),
                                                                   "prompt": "the city", "max_tokens": 4}).encode())
         urllib.request.urlopen(request, timeout=120).read()
+        answers = serve_load(f"http://127.0.0.1:{port}", os.path.basename(model_dir), load_prompts(load)) if load else []
         serve.run(serve.deployment(Bare, ray_actor_options={"num_cpus": 0}).bind(), name="bare",
                   route_prefix="/bare")
         bare = serve.get_deployment_handle("Bare", app_name="bare").info.remote().result()
@@ -66,12 +108,23 @@ def measure(model_dir: str, num_stages: int, quantization: str = "none") -> dict
         serve.shutdown()
         ray.shutdown()
     # shares are of the unquantized float32 model: what a stage would hold without quantization
-    model_bytes = ModelSpec.from_model_dir(model_dir, dtype="float32").total_weight_bytes
+    spec = ModelSpec.from_model_dir(model_dir, dtype="float32")
+    model_bytes = spec.total_weight_bytes
     over = [s["peak_rss_bytes"] - bare["peak_rss_bytes"] for s in stages]
-    return {"model_bytes": model_bytes, "bare_peak_rss_bytes": bare["peak_rss_bytes"],
-            "stages": [{"index": s["index"], "blocks": [s["start"], s["end"]], "weight_bytes": s["weight_bytes"],
-                        "peak_rss_bytes": s["peak_rss_bytes"], "over_bare_bytes": o} for s, o in zip(stages, over)],
-            "max_stage_share": max(over) / model_bytes, "total_share": sum(over) / model_bytes}
+    from app.builder import BuilderArgs, pool_tokens
+
+    kv_tokens = pool_tokens(BuilderArgs())
+    result = {"model_bytes": model_bytes, "bare_peak_rss_bytes": bare["peak_rss_bytes"],
+              "stages": [{"index": s["index"], "blocks": [s["start"], s["end"]], "weight_bytes": s["weight_bytes"],
+                          "planned_bytes": spec.stage_weight_bytes(s["start"], s["end"])
+                          + spec.stage_kv_bytes(s["start"], s["end"], kv_tokens),
+                          "kv_pool_bytes": s.get("kv_cache_bytes"),
+                          "peak_rss_bytes": s["peak_rss_bytes"], "over_bare_bytes": o} for s, o in zip(stages, over)],
+              "max_stage_share": max(over) / model_bytes, "total_share": sum(over) / model_bytes}
+    if load:
+        expected = reference(model_dir, load_prompts(load))
+        result["load"] = {"requests": load, "exact": sum(a == e for a, e in zip(answers, expected))}
+    return result
 
 
 def main() -> None:
@@ -79,6 +132,7 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint directory (default: build the 125M Llama)")
     parser.add_argument("--num-stages", type=int, default=4)
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "nf4"])
+    parser.add_argument("--load", type=int, default=0, help="concurrent long greedy requests to serve first")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     model_dir = args.model
@@ -86,7 +140,7 @@ def main() -> None:
         from tests.checkpoints import build_llama_125m
 
         model_dir = build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
-    result = measure(model_dir, args.num_stages, args.quantization)
+    result = measure(model_dir, args.num_stages, args.quantization, args.load)
     if args.json:
         print(json.dumps(result))
         return
@@ -94,7 +148,12 @@ def main() -> None:
     print(f"{args.quantization}: float32 model {result['model_bytes'] / mib:.0f} MiB; bare replica peak {result['bare_peak_rss_bytes'] / mib:.0f} MiB")
     for s in result["stages"]:
         print(f"Stage{s['index']} blocks {s['blocks']}: weights {s['weight_bytes'] / mib:.0f} MiB, "
-              f"peak over bare {s['over_bare_bytes'] / mib:.0f} MiB ({s['over_bare_bytes'] / result['model_bytes']:.2f}x model)")
+              f"planned (weights + KV pool) {s['planned_bytes'] / mib:.0f} MiB, "
+              f"peak over bare {s['over_bare_bytes'] / mib:.0f} MiB ({s['over_bare_bytes'] / result['model_bytes']:.2f}x "
+              f"model, {s['over_bare_bytes'] / s['planned_bytes']:.2f}x planned)")
+    if "load" in result:
+        print(f"{result['load']['requests']} concurrent requests of {LOAD_PROMPT} + {LOAD_TOKENS} tokens: "
+              f"{result['load']['exact']} equal to transformers")
     print(f"largest stage {result['max_stage_share']:.2f}x model, all stages {result['total_share']:.2f}x model")
 
 
