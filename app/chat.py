@@ -249,31 +249,25 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         params = body.sampling_params(max_tokens, model.eos_token_ids, logprobs)
         generation = Generation(serving.engine, model, [ids], [params], body.n, body.n, body.seed,
                                 id_prefix="chatcmpl")
-        meta = {"id": generation.id, "created": generation.created, "model": model.name}
-
-        def usage() -> UsageInfo:
-            return UsageInfo.of(*generation.usage())
-
+        meta = generation.meta
         async def whole() -> dict:
             choices = [ChatChoice(index=i, message=ChatMessage(content=state.text),
                                   logprobs=chat_logprobs(state.logprobs) if body.logprobs else None,
                                   finish_reason=state.finish_reason, stop_reason=state.stop_reason)
                        for i, state in enumerate(await generation.run())]
-            return ChatCompletionResponse(**meta, choices=choices, usage=usage()).model_dump()
+            return ChatCompletionResponse(**meta, choices=choices, usage=generation.usage()).model_dump()
 
         async def lines():
             for i in range(len(generation.states)):
                 yield sse(ChatCompletionChunk(**meta, choices=[
                     ChatStreamChoice(index=i, delta={"role": "assistant", "content": ""})]))
             async for delta in generation.deltas():
-                if not delta.text and not delta.logprobs and delta.finish_reason is None:
-                    continue
                 yield sse(ChatCompletionChunk(**meta, choices=[ChatStreamChoice(
                     index=delta.index, delta={"content": delta.text} if delta.text else {},
                     logprobs=chat_logprobs(delta.logprobs) if body.logprobs and delta.logprobs else None,
                     finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)]))
             if body.include_usage:
-                yield sse(ChatCompletionChunk(**meta, usage=usage()))
+                yield sse(ChatCompletionChunk(**meta, usage=generation.usage()))
             yield "data: [DONE]\n\n"
 
         return await serving.answer(request, generation, body.stream, lines, whole)

@@ -200,24 +200,18 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
                                        model.eos_token_ids, body.logprobs, rank) for ids in prompts]
         generation = Generation(serving.engine, model, prompts, params, body.num_candidates, body.n, body.seed,
                                 echo=body.echo, id_prefix="cmpl")
-        meta = {"id": generation.id, "created": generation.created, "model": model.name}
-
-        def usage() -> UsageInfo:
-            return UsageInfo.of(*generation.usage())
-
+        meta = generation.meta
         async def whole() -> dict:
             choices = [CompletionChoice(index=i, text=state.text, finish_reason=state.finish_reason,
                                         stop_reason=state.stop_reason,
                                         logprobs=None if body.logprobs is None
                                         else legacy_logprobs(state.logprobs, model.tokenizer))
                        for i, state in enumerate(await generation.run())]
-            return CompletionResponse(**meta, choices=choices, usage=usage()).model_dump()
+            return CompletionResponse(**meta, choices=choices, usage=generation.usage()).model_dump()
 
         async def lines():
             offsets = [0] * len(generation.states)
             async for delta in generation.deltas():
-                if not delta.text and not delta.logprobs and delta.finish_reason is None:
-                    continue
                 logprobs = None
                 if body.logprobs is not None and delta.logprobs:
                     logprobs = legacy_logprobs(delta.logprobs, model.tokenizer, offsets[delta.index])
@@ -226,7 +220,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
                                           finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
                 yield sse(CompletionStreamResponse(**meta, choices=[choice]))
             if body.include_usage:
-                yield sse(CompletionStreamResponse(**meta, usage=usage()))
+                yield sse(CompletionStreamResponse(**meta, usage=generation.usage()))
             yield "data: [DONE]\n\n"
 
         return await serving.answer(request, generation, body.stream, lines, whole)

@@ -16,7 +16,7 @@ import torch
 
 from app.detokenizer import IncrementalDetokenizer, StopChecker
 from app.engine import Engine, Sequence
-from app.protocol import random_id
+from app.protocol import UsageInfo, random_id
 from app.sampling import SamplingParams
 
 
@@ -143,7 +143,8 @@ class Generation:
         return all(state.done for state in self.states)
 
     async def deltas(self):
-        """Yields a `Delta` per engine event until every choice is done.
+        """Yields a `Delta` per engine event that adds something (text, logprobs, a finish) until
+        every choice is done.
 
         Raises:
             PipelineError: the stages failed for good.
@@ -165,7 +166,8 @@ class Generation:
             state.logprobs += delta.logprobs
             if state.done and not was_done:
                 delta.finish_reason, delta.stop_reason = state.finish_reason, state.stop_reason
-            yield delta
+            if delta.text or delta.logprobs or delta.finish_reason is not None:
+                yield delta
 
     async def run(self) -> list[ChoiceState]:
         """Waits for every choice; returns those sent back (see `returned`)."""
@@ -184,10 +186,15 @@ class Generation:
             picked += sorted(group, key=lambda s: -s.seq.cumulative_logprob)[:n]
         return picked
 
-    def usage(self) -> tuple[int, int]:
-        """(prompt tokens, completion tokens of the choices sent back)."""
-        return (sum(len(ids) for ids in self.prompt_ids),
-                sum(len(state.seq.output_ids) for state in self.returned()))
+    @property
+    def meta(self) -> dict:
+        """The fields every answer and chunk of this request carries: id, created, model."""
+        return {"id": self.id, "created": self.created, "model": self.model.name}
+
+    def usage(self) -> UsageInfo:
+        """Prompt tokens, and completion tokens of the choices sent back."""
+        return UsageInfo.of(sum(len(ids) for ids in self.prompt_ids),
+                            sum(len(state.seq.output_ids) for state in self.returned()))
 
     # ---- assembling text ----
 
