@@ -98,35 +98,29 @@ class StageServer:
             raise wire.WireError(f"a stage takes no {message.kind} message")
         if self._known is not None and not self._known(message.route):
             raise wire.WireError(f"step {message.step}: its route names an address that is not the application's")
-        cache = self.stage.cache
-        if any(block >= cache.num_blocks for table in message.tables[0] for block in table):
-            raise wire.WireError(f"step {message.step}: a block beyond this stage's {cache.num_blocks}")
-        if any(len(table) * cache.block_size < start + new
-               for table, start, new in zip(message.tables[0], message.starts, message.num_new)):
-            raise wire.WireError(f"step {message.step}: a row with fewer blocks than its tokens need")
-        written = [table[p // cache.block_size] * cache.block_size + p % cache.block_size
-                   for table, start, new in zip(message.tables[0], message.starts, message.num_new)
-                   for p in range(start, start + new)]
-        if len(set(written)) != len(written):
-            raise wire.WireError(f"step {message.step}: two rows write one cache position")
         if self.stage.is_first != (message.inputs.dim() == 2):
             raise wire.WireError(f"step {message.step}: {'token ids' if self.stage.is_first else 'hidden states'} "
                                  "expected")
+        try:  # built here, once: the tables are checked before anything is computed
+            rows = self.stage.rows([list(t) for t in message.tables[0]], list(message.starts),
+                                   list(message.num_new), message.inputs.shape[1])
+        except ValueError as exc:
+            raise wire.WireError(f"step {message.step}: {exc}") from None
         self.load.queued += 1
-        self._inbox.put((message, time.monotonic()))
+        self._inbox.put((message, rows, time.monotonic()))
 
     def _run(self) -> None:
         while True:
-            step, arrived = self._inbox.get()
+            step, rows, arrived = self._inbox.get()
             self.load.queued -= 1
             if step is None:
                 return
             try:
-                self._compute(step, arrived)
+                self._compute(step, rows, arrived)
             except Exception:  # noqa: BLE001 - the compute thread never dies of one step
                 logger.exception("step %s could not be handled", step.step)
 
-    def _compute(self, step: wire.Step, arrived: float) -> None:
+    def _compute(self, step: wire.Step, rows, arrived: float) -> None:
         route, tables = step.route, step.tables
         began = time.monotonic()
         num_rows, num_tokens = len(step.starts), sum(step.num_new)
@@ -136,7 +130,7 @@ class StageServer:
                 torch.set_num_threads(threads)
         try:
             out = self.stage(step.inputs, [list(t) for t in tables[0]], list(step.starts), list(step.num_new),
-                             all_logits=step.all_logits)
+                             all_logits=step.all_logits, rows=rows)
         except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
             logger.exception("step %s failed", step.step)
             if self.metrics is not None:
@@ -171,5 +165,5 @@ class StageServer:
 
     def close(self) -> None:
         self._server.close()
-        self._inbox.put((None, None))
+        self._inbox.put((None, None, None))
         self._out.close()

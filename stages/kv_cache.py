@@ -50,10 +50,18 @@ class PagedRows:
 
     @classmethod
     def build(cls, tables: list[list[int]], starts: list[int], num_new: list[int], width: int,
-              block_size: int) -> PagedRows:
+              block_size: int, num_blocks: int) -> PagedRows:
+        """The step's rows in a pool of `num_blocks` blocks of `block_size` tokens.
+
+        Raises:
+            ValueError: a block outside the pool, a row with fewer blocks than its tokens need, or
+                two rows writing one position.
+        """
         write, runs = [], []
         for table, start, new in zip(tables, starts, num_new):
             length = start + new
+            if any(not 0 <= block < num_blocks for block in table):
+                raise ValueError(f"a block beyond this stage's {num_blocks}")
             if -(-length // block_size) > len(table):
                 raise ValueError(f"a row of {length} tokens needs more than its {len(table)} blocks")
             write += [table[p // block_size] * block_size + p % block_size for p in range(start, length)]
@@ -66,6 +74,8 @@ class PagedRows:
                 else:
                     row_runs.append((flat, end, logical))
             runs.append(row_runs)
+        if len(set(write)) != len(write):
+            raise ValueError("two rows write one cache position")
         valid = torch.arange(width)[None, :] < torch.tensor(num_new)[:, None]
         lengths = [start + new for start, new in zip(starts, num_new)]
         gather = None

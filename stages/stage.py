@@ -191,7 +191,7 @@ class Stage(nn.Module):
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, tables: list[list[int]], starts: list[int], num_new: list[int],
-                all_logits: bool = False) -> torch.Tensor:
+                all_logits: bool = False, rows: PagedRows | None = None) -> torch.Tensor:
         """Runs one batched step through the stage's blocks.
 
         Args:
@@ -201,6 +201,7 @@ class Stage(nn.Module):
             starts: position of each row's first new token.
             num_new: real new tokens of each row.
             all_logits: on the last stage, return logits at every position, not just the last.
+            rows: the step's `PagedRows`, when the caller has built (and so checked) them already.
 
         Returns:
             hidden states (B, T, C); on the last stage float32 logits (B, V) at each row's last
@@ -208,7 +209,8 @@ class Stage(nn.Module):
         """
         width = inputs.shape[1]
         starts, num_new = [int(s) for s in starts], [int(n) for n in num_new]
-        rows = PagedRows.build(tables, starts, num_new, width, self.cache.block_size)
+        if rows is None:
+            rows = self.rows(tables, starts, num_new, width)
         self.cache.begin_step(rows)
         # Padding repeats a row's last real position, which keeps learned/rotary tables in range.
         new = torch.tensor(num_new)
@@ -235,6 +237,11 @@ class Stage(nn.Module):
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         return self.head(hidden).float()
+
+    def rows(self, tables: list[list[int]], starts: list[int], num_new: list[int], width: int) -> PagedRows:
+        """A step's rows in this stage's KV pool (`PagedRows.build`: raises ValueError for tables
+        that do not fit the pool)."""
+        return PagedRows.build(tables, starts, num_new, width, self.cache.block_size, self.cache.num_blocks)
 
 
 def meta_model(config, dtype: torch.dtype) -> nn.Module:

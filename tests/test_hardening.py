@@ -45,8 +45,8 @@ def poison_slot(server, first_block: int | None, make) -> None:
     stage = server.stage
     original = stage.forward
 
-    def forward(inputs, tables, starts, num_new, all_logits=False):
-        out = original(inputs, tables, starts, num_new, all_logits=all_logits).clone()
+    def forward(inputs, tables, starts, num_new, **kwargs):
+        out = original(inputs, tables, starts, num_new, **kwargs).clone()
         for row, table in enumerate(tables):
             if first_block is None or table[0] == first_block:
                 out[row] = make(out[row])
