@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+# A row whose context is several runs computes its float32 scores (heads, queries, context) this
+# many bytes at a time; the planner counts them in a stage's working memory. Pure Python.
+from placement.model_spec import SCORES_TILE_BYTES
+
 ATTENTION = "stagewise"
 # Steps whose rows are all this short gather them into one padded batch (a copy of a few KiB
 # per row) for one attention call: cheaper than an attention call per row.
@@ -144,6 +148,30 @@ def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> t
     return visible
 
 
+def _runs_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, parts: list, positions: torch.Tensor,
+                    window: int | None, scale: float, softcap: float | None) -> torch.Tensor:
+    """Queries `q` (H, g, T, D) of one row over its runs `parts` of the pool, each run's
+    softmax numerator and log-sum-exp combined; (H, g*T, D) float32."""
+    heads, groups, new, dim = q.shape
+    qg = q.reshape(heads, groups * new, dim).float() * scale
+    total, lse = None, None
+    for fs, fe, logical in parts:
+        scores = torch.matmul(qg, key[0, :, fs:fe].transpose(1, 2).float())  # (H, g*T, L)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        visible = _visible(positions, torch.arange(logical, logical + fe - fs, device=q.device), window)
+        scores = scores.masked_fill(~visible.repeat(groups, 1)[None], float("-inf"))
+        run_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (H, g*T, 1)
+        run_out = torch.matmul(torch.exp(scores - run_lse).nan_to_num(0.0), value[0, :, fs:fe].float())
+        if total is None:
+            total, lse = run_out, run_lse
+        else:
+            merged = torch.logaddexp(lse, run_lse)
+            total = total * torch.exp(lse - merged).nan_to_num(0.0) + run_out * torch.exp(run_lse - merged).nan_to_num(0.0)
+            lse = merged
+    return total
+
+
 def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                     scaling: float | None = None, dropout: float = 0.0, *, paged_rows: PagedRows,
                     paged_windows: tuple[int | None, ...] = (), softcap: float | None = None, **kwargs):
@@ -187,24 +215,15 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
                                                enable_gqa=groups > 1)
             out[b, :new] = o[0].transpose(0, 1)
             continue
-        # Several runs: each run's softmax numerator and log-sum-exp, combined.
-        qg = q[0].reshape(key.shape[1], groups * new, dim).float() * scale  # (H, g*T, D)
-        total, lse = None, None
-        for fs, fe, logical in parts:
-            scores = torch.matmul(qg, key[0, :, fs:fe].transpose(1, 2).float())  # (H, g*T, L)
-            if softcap is not None:
-                scores = softcap * torch.tanh(scores / softcap)
-            visible = _visible(positions, torch.arange(logical, logical + fe - fs, device=query.device), window)
-            scores = scores.masked_fill(~visible.repeat(groups, 1)[None], float("-inf"))
-            run_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (H, g*T, 1)
-            run_out = torch.matmul(torch.exp(scores - run_lse).nan_to_num(0.0), value[0, :, fs:fe].float())
-            if total is None:
-                total, lse = run_out, run_lse
-            else:
-                merged = torch.logaddexp(lse, run_lse)
-                total = total * torch.exp(lse - merged).nan_to_num(0.0) + run_out * torch.exp(run_lse - merged).nan_to_num(0.0)
-                lse = merged
-        out[b, :new] = total.reshape(num_heads, new, dim).transpose(0, 1).to(query.dtype)
+        # Several runs: each run's softmax numerator and log-sum-exp, combined; queries a tile at a
+        # time, so that the float32 scores of a long chunk over a long context stay bounded.
+        q = q[0].reshape(key.shape[1], groups, new, dim)  # (H, g, T_b, D)
+        context = sum(fe - fs for fs, fe, _ in parts)
+        tile = max(1, SCORES_TILE_BYTES // (num_heads * context * 4))
+        for t0 in range(0, new, tile):
+            t1 = min(new, t0 + tile)
+            o = _runs_attention(q[:, :, t0:t1], key, value, parts, positions[t0:t1], window, scale, softcap)
+            out[b, t0:t1] = o.reshape(num_heads, t1 - t0, dim).transpose(0, 1).to(query.dtype)
     return out, None
 
 

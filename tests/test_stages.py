@@ -70,6 +70,8 @@ def test_chained_stages_match_transformers(checkpoint, arch, num_stages, monkeyp
     monkeypatch.setattr("stages.kv_cache.GATHER_MAX_TOKENS", 0)  # every row read in place, by runs
     assert greedy(stages, prompt_ids, 32) == expected
     assert greedy(stages, prompt_ids, 32, interleaved(1)) == expected  # each block its own run
+    monkeypatch.setattr("stages.kv_cache.SCORES_TILE_BYTES", 1)  # the scores a query at a time
+    assert greedy(stages, prompt_ids, 32, interleaved(1)) == expected
 
 
 @pytest.mark.parametrize("gather_max_tokens", [48, 0])
