@@ -61,12 +61,17 @@ class PackedLinear(nn.Module):
         return cls([linear.weight], linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = []
+        if len(self.bounds) == 2:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight_0, self.bias, "none", [], "")
+        # Each block's output is copied into its columns as soon as it is computed: the output
+        # and one block's part of it are alive at once, not the output twice (a large head's
+        # logits for a whole prompt are tens of MiB).
+        out = x.new_empty(*x.shape[:-1], self.out_features)
         for index, (start, end) in enumerate(zip(self.bounds, self.bounds[1:])):
             bias = None if self.bias is None else self.bias[start:end]
-            outs.append(torch.ops.mkldnn._linear_pointwise(x, getattr(self, f"packed_weight_{index}"), bias,
-                                                           "none", [], ""))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            out[..., start:end] = torch.ops.mkldnn._linear_pointwise(x, getattr(self, f"packed_weight_{index}"), bias,
+                                                                     "none", [], "")
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
