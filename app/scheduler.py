@@ -31,6 +31,7 @@ class Scheduler:
         self.config, self.num_stages = config, num_stages
         self._last_kind: dict[tuple[str, ...], str] = {}
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
+        self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.preempted: list[Sequence] = []  # since the engine last looked
 
     def admit(self, waiting: list[Sequence], running: list[Sequence], pool: ReplicaPool) -> None:
@@ -54,6 +55,7 @@ class Scheduler:
             waiting.pop(0)
             seq.num_cached = cached
             self.cached_tokens += cached
+            self.queried_tokens += len(seq.tokens) if pool.prefix_caching and not seq.prompt_logprobs else 0
             running.append(seq)
 
     def next_batches(self, running: list[Sequence], present: set[str], busy: dict[tuple[str, ...], int],
@@ -112,13 +114,16 @@ class Scheduler:
         decode = [s for s in ready if s not in prefill]
         if prefill and (not decode or self._last_kind.get(route, "decode") == "decode"):
             self._last_kind[route] = "prefill"
-            rows, budget = [], self.config.max_prefill_tokens
+            # Rows are padded to the widest: the step computes rows x widest positions, and that
+            # (what the stages' working memory is planned for) stays within the budget.
+            rows, width, budget = [], 0, self.config.max_prefill_tokens
             for seq in prefill:
-                if budget <= 0:
+                cap = budget // (len(rows) + 1)
+                if width > cap or cap < 1:
                     break
-                num_new = min(seq.num_pending, budget)
+                num_new = min(seq.num_pending, cap)
                 rows.append(Row(seq, seq.num_cached, num_new))
-                budget -= num_new
+                width = max(width, num_new)
             return rows
         if not decode:
             return []

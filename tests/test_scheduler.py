@@ -83,6 +83,24 @@ def test_prefill_is_chunked_to_the_budget_and_alternates_with_decode():
     assert list(scheduler.next_batches(running, {"a0"}, {}, waiting, pool)) == []
 
 
+def test_a_prefill_step_computes_at_most_the_budget_padding_included():
+    """Rows are padded to the widest: a short prompt beside a long one would otherwise make the
+    step (and the stages' working memory) rows x widest, far beyond the budget."""
+    pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
+    scheduler = Scheduler(EngineConfig(max_prefill_tokens=64), 2)
+    running, waiting = [], [seq(60), seq(3), seq(3), seq(40), seq(30)]
+    scheduler.admit(waiting, running, pool)
+    computed = []
+    while any(s.num_pending for s in running):
+        [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+        assert len(rows) * max(row.num_new for row in rows) <= 64
+        for row in rows:
+            row.seq.in_flight = False
+            row.seq.num_cached = row.start + row.num_new
+        computed += [row.num_new for row in rows]
+    assert sum(computed) == 60 + 3 + 3 + 40 + 30  # every prompt token, once
+
+
 def test_micro_batches_share_the_decoding_sequences_of_a_route():
     pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
     scheduler = Scheduler(EngineConfig(num_microbatches=2), 2)
