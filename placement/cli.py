@@ -54,13 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--reserve-fraction",
         type=float,
         default=DEFAULT_RESERVE_FRACTION,
-        help="share of each device's memory kept free for activations and slack",
+        help="share of each device's memory kept free (CUDA context, other processes, slack)",
     )
     sub.add_argument(
         "--kv-tokens",
         type=int,
         default=DEFAULT_KV_TOKENS,
         help="tokens of KV cache each stage keeps room for",
+    )
+    sub.add_argument(
+        "--step-tokens",
+        type=int,
+        default=512,
+        help="the most tokens a step carries (the server's max(max_prefill_tokens, max_batch_size)): "
+        "each stage's working memory is planned for it; 0 plans none",
     )
     return parser
 
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = load_cluster(args.cluster)
         spec = ModelSpec.from_model_dir(args.model, args.dtype, args.quantization)
+        spec = spec.with_step_tokens(args.step_tokens)
         result = plan(
             spec, cluster, reserve_fraction=args.reserve_fraction, kv_tokens=args.kv_tokens
         )
@@ -102,10 +110,10 @@ def format_plan(result: Plan, model_name: str = "") -> str:
     header = (
         f"{model_name or result.model_type}: {result.stages[-1].end} blocks, {precision}, "
         f"{result.num_stages} stage(s); reserve {result.reserve_fraction:.0%} of each device "
-        f"+ KV cache of {result.kv_tokens} tokens"
+        f"+ KV cache of {result.kv_tokens} tokens + each stage's working memory"
     )
     total_time = sum(stage.time_s for stage in result.stages) or 1.0
-    rows = [("stage", "blocks", "device", "weight GiB", "KV GiB", "memory", "time share")]
+    rows = [("stage", "blocks", "device", "weight GiB", "KV GiB", "work GiB", "memory", "time share")]
     for index, stage in enumerate(result.stages):
         mark = " *" if index == result.bottleneck_stage else ""
         rows.append(
@@ -115,6 +123,7 @@ def format_plan(result: Plan, model_name: str = "") -> str:
                 stage.device,
                 f"{stage.weight_bytes / GIB:.2f}",
                 f"{stage.kv_bytes / GIB:.2f}",
+                f"{stage.work_bytes / GIB:.2f}",
                 f"{stage.memory_fraction:.0%} of {stage.memory_bytes / GIB:g} GiB",
                 f"{stage.time_s / total_time:.0%}{mark}",
             )

@@ -62,7 +62,27 @@ def count_tallies(config: Any) -> ModelTallies:
         tied_numel=tied_numel,
         kv_numel_per_token=_kv_numel_per_token(text_config, num_layers),
         model_type=str(getattr(config, "model_type", "")),
+        act_numel_per_token=_act_numel_per_token(model, blocks_name, num_layers, text_config),
+        vocab_size=_first_int(text_config, "vocab_size") or 0,
     )
+
+
+def _act_numel_per_token(model: Any, blocks_name: str, num_layers: int, config: Any) -> tuple[int, ...]:
+    """Activation elements per token of a step in each block: every projection's output (q, k,
+    v, o, gate, up, down; a fused one counted once), and the hidden state three times (the
+    input, the residual and the output). An upper bound on what is alive at once."""
+    hidden = _first_int(config, "hidden_size", "n_embd", "d_model") or 0
+    blocks = model.get_submodule(blocks_name) if blocks_name else None
+    out = []
+    for index in range(num_layers):
+        widths = 0
+        if blocks is not None:
+            for module in blocks[index].modules():
+                weight = getattr(module, "weight", None)
+                if getattr(weight, "ndim", 0) == 2 and type(module).__name__ in ("Linear", "Conv1D"):
+                    widths += weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
+        out.append(widths + 3 * hidden)
+    return tuple(out)
 
 
 def _as_config(config: Any) -> Any:

@@ -12,6 +12,7 @@ layers); biases, norms, routers, embeddings and the head stay at the dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import types
@@ -94,7 +95,22 @@ class ModelTallies:
     tied_numel: int  # elements shared by embed and head (0 when the embeddings are not tied)
     kv_numel_per_token: tuple[int, ...]  # K and V elements cached per token, per block
     model_type: str = ""
+    act_numel_per_token: tuple[int, ...] = ()  # activation elements per token of a step, per block
+    vocab_size: int = 0  # logits per row on the last stage
 
+
+# A stage's working memory, besides its weights and KV pool (see `ModelSpec.stage_work_bytes`).
+# Measured on this project's CPU stages (glibc, 4 MiB mmap threshold; the 125M Llama in 4 stages
+# under 3 rounds of 64 concurrent requests): a step's live activations take up to 1.6x their size
+# in the heap, and a serving stage holds 60-80 MiB more than a bare replica with the same imports
+# besides its weights, pool and largest step: oneDNN's compiled primitives (64 shapes kept, see
+# `app.builder.stage_env`), the heap between steps of every size, the data plane's threads.
+WORK_SLACK = 2.0
+STAGE_RUNTIME_BYTES = 96 * 2**20
+# A row whose context is several runs of blocks computes its float32 attention scores this many
+# bytes at a time (stages.kv_cache tiles its queries), a few copies of them alive at once.
+SCORES_TILE_BYTES = 8 * 2**20
+SCORES_COPIES = 4
 
 
 def kv_pool_blocks(kv_tokens: int, block_size: int) -> int:
@@ -130,6 +146,9 @@ class ModelSpec:
     embed_params: int | None = None
     head_params: int | None = None
     model_type: str = ""
+    block_act_numel: tuple[int, ...] = ()  # activation elements per token of a step, per block
+    vocab_size: int = 0  # logits per row of the last stage
+    step_tokens: int = 0  # the most tokens a step carries (0: no working memory counted)
     tallies: ModelTallies | None = field(default=None, repr=False)  # to re-derive other dtypes
     _prefix_bytes: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _prefix_kv: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -145,6 +164,8 @@ class ModelSpec:
             raise ValueError("a model needs at least one block")
         if len(self.kv_bytes_per_token) != len(self.block_bytes):
             raise ValueError("kv_bytes_per_token needs one entry per block")
+        if self.block_act_numel and len(self.block_act_numel) != len(self.block_bytes):
+            raise ValueError("block_act_numel needs one entry per block (or none)")
         sizes = (*self.block_bytes, *self.kv_bytes_per_token, self.embed_bytes, self.head_bytes)
         if min(sizes) < 0 or not 0 <= self.tied_bytes <= min(self.embed_bytes, self.head_bytes):
             raise ValueError("sizes must be >= 0 and tied_bytes at most embed and head bytes")
@@ -181,6 +202,8 @@ class ModelSpec:
             embed_params=tallies.embed.params,
             head_params=tallies.head.params,
             model_type=tallies.model_type,
+            block_act_numel=tallies.act_numel_per_token,
+            vocab_size=tallies.vocab_size,
             tallies=tallies,
         )
 
@@ -226,7 +249,14 @@ class ModelSpec:
         if self.tallies is None:
             raise ValueError("this spec was written by hand: it has no tallies to re-derive from")
         new_quantization = self.quantization if quantization == "keep" else quantization
-        return ModelSpec.from_tallies(self.tallies, dtype or self.dtype, new_quantization)
+        spec = ModelSpec.from_tallies(self.tallies, dtype or self.dtype, new_quantization)
+        return spec.with_step_tokens(self.step_tokens)
+
+    def with_step_tokens(self, step_tokens: int) -> ModelSpec:
+        """The same model, its stages computing steps of up to `step_tokens` tokens."""
+        if step_tokens < 0:
+            raise ValueError(f"step_tokens must be >= 0, got {step_tokens}")
+        return dataclasses.replace(self, step_tokens=int(step_tokens))
 
     @property
     def num_layers(self) -> int:
@@ -260,6 +290,32 @@ class ModelSpec:
         """KV-cache bytes for `kv_tokens` cached tokens in blocks `[start, end)`: a stage's block
         pool of `kv_pool_blocks(kv_tokens, block_size) * block_size` tokens is exactly this."""
         return kv_tokens * (self._prefix_kv[end] - self._prefix_kv[start])
+
+    def stage_work_bytes(self, start: int, end: int) -> int:
+        """Working memory of a stage holding blocks `[start, end)` whose steps carry up to
+        `step_tokens` tokens (0 when `step_tokens` is 0, or for a spec without activation sizes).
+
+        The largest block's activations for a whole step (`WORK_SLACK` times their size: the
+        heap's slack), the attention scores of one tile (`SCORES_TILE_BYTES`, `SCORES_COPIES`
+        times), on the last stage float32 logits for every token of the step (an echo request
+        asks for them; they are sent as they are, without a copy), and `STAGE_RUNTIME_BYTES`. A stage
+        takes its peak once at start (`Stage.warm_up`), so a plan that counts it cannot run out
+        under load.
+        """
+        if not self.step_tokens or not self.block_act_numel:
+            return 0
+        per = DTYPE_BYTES[self.dtype]
+        activations = WORK_SLACK * self.step_tokens * max(self.block_act_numel[start:end]) * per
+        total = int(activations) + SCORES_COPIES * SCORES_TILE_BYTES + STAGE_RUNTIME_BYTES
+        if end == self.num_layers:
+            total += self.step_tokens * self.vocab_size * 4
+        return total
+
+    def stage_bytes(self, start: int, end: int, kv_tokens: int) -> int:
+        """Everything a stage holding blocks `[start, end)` needs: weights, a KV pool of
+        `kv_tokens` tokens and its working memory."""
+        return (self.stage_weight_bytes(start, end) + self.stage_kv_bytes(start, end, kv_tokens)
+                + self.stage_work_bytes(start, end))
 
     def stage_params(self, start: int, end: int) -> int:
         """Parameters a stage multiplies with per token: its blocks, and the head if last.

@@ -3,8 +3,9 @@
 A plan is a sequence of stages, each a contiguous half-open block range `[start, end)` on one
 device, covering every block once and in order. Its bottleneck is the largest stage time per
 token (stage parameters / device TFLOPS); the plan minimises it subject to every device's memory:
-weights, plus the KV cache of `kv_tokens` tokens for its blocks, within the device's memory less
-`reserve_fraction` of it (activations, CUDA context, allocator slack). Among optimal plans it takes
+weights, plus the KV cache of `kv_tokens` tokens for its blocks, plus the working memory of its
+largest step (`ModelSpec.stage_work_bytes`, when the spec has `step_tokens`), within the device's
+memory less `reserve_fraction` of it (CUDA context, other processes, slack). Among optimal plans it takes
 the fewest stages (fewer hops), then spreads the blocks so stage times are as even as possible.
 """
 
@@ -18,7 +19,7 @@ from placement.model_spec import ModelSpec, precision_label
 from placement.partition import best_split
 from placement.search import DeviceKind, fits, fits_in_memory, search, stage_seconds
 
-DEFAULT_RESERVE_FRACTION = 0.05  # of each device: activations, CUDA context, fragmentation
+DEFAULT_RESERVE_FRACTION = 0.05  # of each device: CUDA context, other processes, slack
 DEFAULT_KV_TOKENS = 4096  # KV cache each stage keeps room for, for its own blocks
 _MAX_REBALANCE_WORK = 2_000_000  # stages * layers**2 above which the greedy split is kept
 
@@ -51,6 +52,7 @@ class StageSpec:
     params: int  # parameters multiplied per token (embedding lookups left out)
     tflops: float
     time_s: float  # compute time per token at peak TFLOPS
+    work_bytes: int = 0  # working memory of its largest step (`ModelSpec.stage_work_bytes`)
 
     @property
     def num_blocks(self) -> int:
@@ -64,8 +66,8 @@ class StageSpec:
 
     @property
     def memory_fraction(self) -> float:
-        """Share of the device's memory the weights and KV cache take."""
-        return (self.weight_bytes + self.kv_bytes) / self.memory_bytes
+        """Share of the device's memory the weights, KV cache and working memory take."""
+        return (self.weight_bytes + self.kv_bytes + self.work_bytes) / self.memory_bytes
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class Plan:
             "bottleneck_stage": self.bottleneck_stage,
             "total_weight_bytes": self.total_weight_bytes,
             "total_kv_bytes": sum(stage.kv_bytes for stage in self.stages),
+            "total_work_bytes": sum(stage.work_bytes for stage in self.stages),
             "exact": self.exact,
             "model_type": self.model_type,
             "dtype": self.dtype,
@@ -234,6 +237,7 @@ def _stage(spec: ModelSpec, device: DeviceSpec, start: int, end: int, kv_tokens:
         gpu=device.gpu,
         weight_bytes=spec.stage_weight_bytes(start, end),
         kv_bytes=spec.stage_kv_bytes(start, end, kv_tokens),
+        work_bytes=spec.stage_work_bytes(start, end),
         memory_bytes=device.memory_bytes,
         params=spec.stage_params(start, end),
         tflops=device.tflops,
@@ -259,10 +263,9 @@ def explain_infeasible(
     largest = max((capacity_bytes(device, reserve_fraction) for device in devices), default=0)
     widest = max(
         range(spec.num_layers),
-        key=lambda i: spec.stage_weight_bytes(i, i + 1) + spec.stage_kv_bytes(i, i + 1, kv_tokens),
+        key=lambda i: spec.stage_bytes(i, i + 1, kv_tokens),
     )
-    widest_bytes = spec.stage_weight_bytes(widest, widest + 1)
-    widest_bytes += spec.stage_kv_bytes(widest, widest + 1, kv_tokens)
+    widest_bytes = spec.stage_bytes(widest, widest + 1, kv_tokens)
     if widest_bytes > largest:
         message += (
             f" Block {widest} alone needs {_gib(widest_bytes)} GiB but the largest device has "
@@ -275,7 +278,7 @@ def explain_infeasible(
     else:
         missing = weights + kv_bytes - usable
         more = f"about {_gib(missing)} GiB more" if missing > 0 else "larger devices or more"
-        message += f" To fit, add {more} device memory (or lower --kv-tokens/--reserve-fraction)."
+        message += f" To fit, add {more} device memory (or lower --kv-tokens/--step-tokens/--reserve-fraction)."
     flags = [flag for flag, _ in suggestions]
     return InfeasiblePlanError(message, weights + kv_bytes, usable, flags)
 

@@ -47,9 +47,9 @@ def stage_seconds(spec: ModelSpec, start: int, end: int, tflops: float) -> float
 
 
 def fits(spec: ModelSpec, start: int, end: int, capacity_bytes: int, kv_tokens: int) -> bool:
-    """Whether blocks [start, end), with the KV cache of `kv_tokens`, fit in `capacity_bytes`."""
-    need = spec.stage_weight_bytes(start, end) + spec.stage_kv_bytes(start, end, kv_tokens)
-    return need <= capacity_bytes
+    """Whether blocks [start, end), with the KV cache of `kv_tokens` and their working memory,
+    fit in `capacity_bytes`."""
+    return spec.stage_bytes(start, end, kv_tokens) <= capacity_bytes
 
 
 def search(spec: ModelSpec, kinds: tuple[DeviceKind, ...], kv_tokens: int) -> SearchResult | None:

@@ -19,7 +19,7 @@ nodes:
   - {{name: gpu, gpus: 1, memory_gb: {100_000 / GIB!r}, tflops: 10}}
   - {{name: box, gpus: 0, memory_gb: 1, tflops: 1}}
 """
-EXACT = ["--reserve-fraction", "0", "--kv-tokens", "0"]
+EXACT = ["--reserve-fraction", "0", "--kv-tokens", "0", "--step-tokens", "0"]
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_infeasible_exits_2_naming_memory(files, tmp_path):
     cluster.write_text(CLUSTER.split("  - {name: box")[0])
     process = subprocess.run(
         [sys.executable, "-m", "placement", "plan", files[0], files[1], "--cluster", str(cluster),
-         "--json", "--kv-tokens", "0"],  # fmt: skip
+         "--json", "--kv-tokens", "0", "--step-tokens", "0"],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,

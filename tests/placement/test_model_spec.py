@@ -46,6 +46,22 @@ TINY_QWEN2_MOE = {  # experts, a shared expert, attention biases
 }
 
 
+def test_working_memory_is_the_largest_step_of_the_widest_block_and_the_logits_on_the_last_stage():
+    from placement.model_spec import SCORES_COPIES, SCORES_TILE_BYTES, STAGE_RUNTIME_BYTES, WORK_SLACK
+
+    spec = ModelSpec.from_config(TINY_LLAMA)
+    # q 64 + k 32 + v 32 + o 64 + gate 128 + up 128 + down 64 outputs, and the hidden state 3 times
+    assert spec.block_act_numel == (512 + 3 * 64,) * 2 and spec.vocab_size == 100
+    assert spec.stage_work_bytes(0, 2) == 0  # no step size: nothing planned
+    step = spec.with_step_tokens(512)
+    fixed = SCORES_COPIES * SCORES_TILE_BYTES + STAGE_RUNTIME_BYTES
+    first = int(WORK_SLACK * 512 * 704 * 2) + fixed  # float16 activations
+    assert step.stage_work_bytes(0, 1) == first
+    assert step.stage_work_bytes(1, 2) == first + 512 * 100 * 4  # float32 logits of every token
+    assert step.stage_bytes(1, 2, 10) == step.stage_weight_bytes(1, 2) + step.stage_kv_bytes(1, 2, 10) + first + 512 * 400
+    assert step.with_options(dtype="float32").step_tokens == 512
+
+
 def test_llama_bytes_per_dtype_and_quantization():
     spec = ModelSpec.from_config(TINY_LLAMA)  # float16 by default
     assert spec.num_layers == 2
