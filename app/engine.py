@@ -230,7 +230,9 @@ class Engine:
                     await self._recover(failure, rows)
 
     def _admit(self) -> None:
+        queried, cached = self.scheduler.queried_tokens, self.scheduler.cached_tokens
         self.scheduler.admit(self.waiting, self.running, self.pool)
+        self.metrics.prefix_cache(self.scheduler.queried_tokens - queried, self.scheduler.cached_tokens - cached)
         for seq in self.scheduler.preempted:
             logger.info("request %s: sequence %d pre-empted (no free KV cache block); it resumes by replay",
                         seq.request_id or "-", seq.index)

@@ -232,6 +232,12 @@ class IngressMetrics:
         self._preemptions = tagged(metrics.Counter(
             "stagewise_preemptions", "Sequences pre-empted for want of a free KV cache block (they resume by "
             "replay).", tag_keys=("model",)))
+        # vLLM's pair: the hit rate is hits / queries, over any window
+        self._prefix_queries = tagged(metrics.Counter(
+            "stagewise_prefix_cache_queries", "Prompt tokens looked up in the prefix cache (replays included).",
+            tag_keys=("model",)))
+        self._prefix_hits = tagged(metrics.Counter(
+            "stagewise_prefix_cache_hits", "Prompt tokens found in the prefix cache, not computed.", tag_keys=("model",)))
         self._refused = _refused_counter("Ingress")
         self._running_gauge.set(0)  # present from the start, not only once something ran
         self._waiting_gauge.set(0)
@@ -280,6 +286,13 @@ class IngressMetrics:
                 totals[key] = totals.get(key, 0) + replica["blocks"][kind]
         for (stage, kind), value in totals.items():
             self._blocks.set(value, tags={"stage": stage, "kind": kind})
+
+    def prefix_cache(self, queried: int, hits: int) -> None:
+        """Prompt tokens looked up in the prefix cache, and those found."""
+        if self.enabled and queried > 0:
+            self._prefix_queries.inc(queried)
+            if hits > 0:
+                self._prefix_hits.inc(hits)
 
     def recovery(self) -> None:
         if self.enabled:

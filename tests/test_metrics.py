@@ -116,6 +116,9 @@ def test_hooks_in_process(checkpoint):
     assert len(ingress.of("first_token")) == 2 and len(ingress.of("time_per_output_token")) == 2
     assert all(0 < s < 30 for s, in ingress.of("first_token") + ingress.of("time_per_output_token"))
     assert ingress.of("set_sequences")[-1] == (0, 0)
+    # both prompts were looked up in the prefix cache; shorter than a block, neither was found
+    assert sum(q for q, _ in ingress.of("prefix_cache")) == num_prompt
+    assert sum(h for _, h in ingress.of("prefix_cache")) == 0
     assert max(r for r, _ in ingress.of("set_sequences")) == 1
     for metrics in stage_metrics:
         steps = metrics.of("observe_step")  # (rows, tokens, seconds, queued)
@@ -166,6 +169,7 @@ def test_metrics_scraped_after_a_few_requests(served):
     prompt_tokens = total(samples, "ray_stagewise_prompt_tokens_total")
     assert prompt_tokens % 3 == 0 and prompt_tokens >= 3  # the same prompt, 3 times
     assert total(samples, "ray_stagewise_generation_tokens_total") == 3 * 8
+    assert total(samples, "ray_stagewise_prefix_cache_queries_total") == prompt_tokens
     for stage in ("0", "1"):
         # Each sequence: one prefill, then 7 decodes (the 8th token is sampled, never fed back);
         # sequences may share steps, so there are 8 to 24 steps of 1 to 3 sequences.
