@@ -66,6 +66,27 @@ def process_memory() -> dict:
     return out
 
 
+def warm_up(stage: Stage, step_tokens: int, max_rows: int) -> dict:
+    """Runs `Stage.warm_up` and measures what it took: the resident peak of the load before it
+    (`load_peak_rss_bytes`) and the working memory of the largest steps over what the stage
+    holds (`work_bytes`, from Linux's peak, reset for it; absent where it cannot be reset)."""
+    before = process_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the resident memory now
+    except OSError:
+        stage.warm_up(step_tokens, max_rows)
+        return {"load_peak_rss_bytes": before.get("peak_rss_bytes", 0)}
+    began = time.monotonic()
+    stage.warm_up(step_tokens, max_rows)
+    after = process_memory()
+    logger.info("Stage [%d, %d): the largest steps (%d tokens, %d rows) took %.1f MiB of working memory (%.1f s)",
+                stage.start, stage.end, step_tokens, max_rows,
+                (after.get("peak_rss_bytes", 0) - before.get("rss_bytes", 0)) / 2**20, time.monotonic() - began)
+    return {"load_peak_rss_bytes": before.get("peak_rss_bytes", 0),
+            "work_bytes": after.get("peak_rss_bytes", 0) - before.get("rss_bytes", 0)}
+
+
 class StageDeployment:
     """One block range `[start, end)` on one replica.
 
@@ -87,13 +108,15 @@ class StageDeployment:
         block_size: tokens per KV cache block.
         num_threads: torch threads for large steps (None: torch's default).
         parallel_min_tokens: steps with fewer tokens run on one thread (see `StageServer`).
+        step_tokens: the most tokens a step carries (`Stage.warm_up` runs such a step at start).
         quantization: "none", "int8" or "nf4" (bitsandbytes) for this stage's blocks.
         limits: what a data-plane message may be (`app.wire.Limits`).
     """
 
     def __init__(self, model_dir: str, index: int, start: int, end: int, *, dtype: str = "float32",
                  max_batch_size: int = 16, num_blocks: int = 256, block_size: int = 16, num_threads: int | None = None,
-                 parallel_min_tokens: int = 64, quantization: str = "none", limits: wire.Limits = wire.Limits()):
+                 parallel_min_tokens: int = 64, step_tokens: int = 512, quantization: str = "none",
+                 limits: wire.Limits = wire.Limits()):
         from ray import serve
 
         if num_threads:
@@ -106,6 +129,7 @@ class StageDeployment:
         self._closed = threading.Event()
         context = serve.get_replica_context()
         self.app_name, self.fetched_bytes = context.app_name, 0
+        self.step_tokens, self.memory = step_tokens, {}
         self.announcer = Announcer(context.app_name, {
             "id": context.replica_id.unique_id, "stage": index, "start": start, "end": end, "node": _node_name(),
             "state": "starting", "error": None, "address": None, "num_slots": max_batch_size, "draining": False,
@@ -129,6 +153,7 @@ class StageDeployment:
                                                                  self.app_name, name)
                 stage = Stage(model_dir, load["start"], load["end"], device=device,
                               **{k: v for k, v in load.items() if k not in ("model_dir", "start", "end")})
+                self.memory = warm_up(stage, self.step_tokens, self.num_slots)
             except Exception as exc:  # noqa: BLE001 - whatever the cause, say it and try again later
                 cause = f"{type(exc).__name__}: {exc}"
                 logger.error("%s failed to load: %s (trying again in %.0f s)", name, cause, LOAD_RETRY_S,
@@ -156,7 +181,9 @@ class StageDeployment:
                 "end": self.stage.end, "pid": os.getpid(), "weight_bytes": self.stage.weight_bytes(),
                 "kv_cache_bytes": self.stage.cache.nbytes(),
                 "device": str(self.stage.device), "quantization": self.stage.quantization or "none",
-                **process_memory()}
+                **self.memory, **process_memory(),
+                "peak_rss_bytes": max(process_memory().get("peak_rss_bytes", 0),
+                                      self.memory.get("load_peak_rss_bytes", 0))}
 
     def load(self) -> dict:
         """What the stage has done so far (steps, rows, busy seconds, queue)."""

@@ -238,6 +238,28 @@ class Stage(nn.Module):
             hidden = self.final_norm(hidden)
         return self.head(hidden).float()
 
+    def warm_up(self, step_tokens: int, max_rows: int) -> None:
+        """Runs the largest steps the stage will be sent, once, before it serves (vLLM's profile
+        run), so that its working memory is taken at start, where running out fails the load
+        instead of a request.
+
+        A prompt chunk of `step_tokens` tokens, on every other block of the pool so that
+        attention reads it as many runs (its costliest path), with logits at every position on
+        the last stage (as an echo request asks); then `max_rows` decode rows. It writes KV
+        into blocks no sequence holds yet.
+        """
+        size, num_blocks = self.cache.block_size, self.cache.num_blocks
+        stride = 2 if num_blocks >= 2 else 1
+        width = max(1, min(step_tokens, (num_blocks // stride) * size))
+        table = [i * stride for i in range(-(-width // size))]
+        inputs = (torch.zeros(1, width, dtype=torch.long) if self.is_first
+                  else torch.zeros(1, width, self.config.hidden_size, dtype=self.dtype))
+        self.forward(inputs, [table], [0], [width], all_logits=self.is_last)
+        rows = max(1, min(max_rows, num_blocks))
+        inputs = (torch.zeros(rows, 1, dtype=torch.long) if self.is_first
+                  else torch.zeros(rows, 1, self.config.hidden_size, dtype=self.dtype))
+        self.forward(inputs, [[i] for i in range(rows)], [0] * rows, [1] * rows)
+
     def rows(self, tables: list[list[int]], starts: list[int], num_new: list[int], width: int) -> PagedRows:
         """A step's rows in this stage's KV pool (`PagedRows.build`: raises ValueError for tables
         that do not fit the pool)."""

@@ -110,6 +110,17 @@ def test_batched_rows_of_different_lengths_match_each_alone(checkpoint, num_stag
     assert [outputs[i] for i in range(3)] == alone
 
 
+def test_a_warmed_up_stage_answers_as_before(checkpoint):
+    """`Stage.warm_up` runs the largest steps on blocks no sequence holds yet: what it leaves in
+    them is never read (a sequence writes each position before attending to it)."""
+    model_dir = checkpoint("llama")
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
+    stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK) for start, end in SPLITS[2]]
+    for stage in stages:
+        stage.warm_up(step_tokens=96, max_rows=8)
+    assert greedy(stages, prompt_ids, 12, interleaved(0, 2)) == reference(model_dir, prompt_ids, 12)
+
+
 def test_stage_reads_only_its_own_tensors(checkpoint, monkeypatch):
     model_dir = checkpoint("llama", max_shard_size="100KB")
     files = weight_map(model_dir)
