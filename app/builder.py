@@ -35,7 +35,7 @@ class BuilderArgs(BaseModel):
     enable_prefix_caching: bool = Field(True, description="share the KV blocks of equal prompt prefixes")
     max_batch_size: int = Field(16, ge=1, le=1024, description="sequences open at once (KV cache slots)")
     max_model_len: int | None = Field(None, ge=16, description="prompt + output; default min(model, 4096)")
-    max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens per step (chunked prefill)")
+    max_prefill_tokens: int = Field(512, ge=1, description="tokens per step, padding included: prompts longer are prefilled in chunks")
     num_microbatches: int = Field(1, ge=1, le=64, description="steps in flight at once")
     max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
     step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
@@ -102,6 +102,7 @@ def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict,
 
     quantization = None if args.quantization == "none" else args.quantization
     spec = placement.ModelSpec.from_model_dir(model_dir, dtype=args.dtype, quantization=quantization)
+    spec = spec.with_step_tokens(step_tokens(args))
     if args.num_stages != "auto" and args.cluster is None:
         return [(start, end, {}, None) for start, end in placement.split_even(spec, args.num_stages)]
 
@@ -132,6 +133,12 @@ def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict,
 def pool_tokens(args: BuilderArgs) -> int:
     """Tokens in each stage replica's KV block pool (what the planner reserves memory for)."""
     return placement.kv_pool_blocks(args.plan_kv_tokens, args.kv_block_size) * args.kv_block_size
+
+
+def step_tokens(args: BuilderArgs) -> int:
+    """The most tokens one step carries (padding included): a prompt chunk, or a token for each
+    open sequence. Each stage's working memory is planned for it, and taken at its start."""
+    return max(args.max_prefill_tokens, args.max_batch_size)
 
 
 def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
@@ -208,7 +215,7 @@ def build_app(args: BuilderArgs):
                                       max_batch_size=args.max_batch_size, block_size=args.kv_block_size,
                                       num_blocks=placement.kv_pool_blocks(args.plan_kv_tokens, args.kv_block_size),
                                       num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens,
-                                      limits=limits))
+                                      step_tokens=step_tokens(args), limits=limits))
     # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues
     # (and answers 503 past max_queued_requests) itself.
     # The ingress runs where the checkpoint is (here): it reads the tokenizer, and serves the
@@ -220,7 +227,7 @@ def build_app(args: BuilderArgs):
     logger.info("stagewise: %s", f"{len(keys)} API key(s) required" if keys else "no API key required")
     from app.rehome import Placed
 
-    placed = [Placed(f"Stage{i}", s.start, s.end, s.node, s.weight_bytes + s.kv_bytes)
+    placed = [Placed(f"Stage{i}", s.start, s.end, s.node, s.weight_bytes + s.kv_bytes + s.work_bytes)
               for i, (_, _, _, s) in enumerate(planned) if s is not None] or None
     return ingress.bind(stages, model_dir, served_name, config, api_keys=keys, limits=limits, placed=placed,
                         node_grace_period_s=args.node_grace_period_s, reserve_fraction=args.plan_reserve_fraction)
@@ -238,6 +245,16 @@ def stage_env(threads: int, quantization: str) -> dict[str, str]:
     # loads) unless they are mmapped. Not a decode step's activations of a float stage: mapping
     # them afresh every step cost 8% of the step (2 MiB of logits, for one).
     env["MALLOC_MMAP_THRESHOLD_"] = "131072" if quantization != "none" else str(4 * 2**20)
+    # Every thread that allocates (the data plane's, the compute thread) would get a heap of its
+    # own, each keeping what was freed in it: measured 40-60 MiB per stage under load beyond the
+    # largest step's working memory. The threads are few and mostly in torch's kernels.
+    env["MALLOC_ARENA_MAX"] = "2"
+    # oneDNN (and ideep, PyTorch's wrapper of it) keep a compiled primitive for every shape a
+    # packed layer has run at, 1,024 of each by default: about 2.4 MiB more for every new step
+    # size on the 125M Llama, without end under load (prompts of every length). 64 of each keep
+    # a steady batch's shapes and bound the rest (measured: about 20 MiB in all).
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    env["LRU_CACHE_CAPACITY"] = os.environ.get("LRU_CACHE_CAPACITY", "64")
     return env
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -13,6 +14,15 @@ import torch
 from app import wire
 from app.transport import Connections, listen, serve_connections
 
+def _libc_malloc_trim():
+    """glibc's `malloc_trim`, or None (another libc, another system)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
 logger = logging.getLogger(__name__)
 
 
@@ -154,6 +164,11 @@ class StageServer:
             self._send(route[-1], wire.Error(step.step, f"stage at {route[0]} unreachable"))
         if self.metrics is not None:  # after sending: the next stage need not wait for it
             self.metrics.observe_step(num_rows, num_tokens, elapsed, load.queued)
+        if num_tokens >= self.parallel_min_tokens and _malloc_trim is not None:
+            # A large step's activations were freed into the heap, in pieces that the decode
+            # steps' smaller ones fragment: give the free pages back, or the stage holds more
+            # than its planned working memory after a while (measured: 40-100 MiB more under load).
+            _malloc_trim(0)
 
     def _send(self, address: str, message: wire.Message) -> bool:
         try:
