@@ -7,7 +7,9 @@ Builds the 125M Llama (12 layers, hidden 768, vocab 32000, float32, sharded safe
 replica's VmHWM with that of a bare replica that imported torch, transformers (with the Llama
 modelling code), safetensors and fastapi: what a stage adds is what it loaded. With --load N it
 first serves N concurrent greedy requests with long prompts and outputs, checks each against
-transformers, and sets each stage's peak beside what the plan gives it (weights + KV pool).
+transformers, and sets each stage's peak beside what the plan gives it: weights, KV pool and
+working memory (`ModelSpec.stage_work_bytes`, for the largest step; each stage runs such a step
+at start and reports what it took, `work_bytes`).
 """
 
 from __future__ import annotations
@@ -111,13 +113,16 @@ def measure(model_dir: str, num_stages: int, quantization: str = "none", load: i
     spec = ModelSpec.from_model_dir(model_dir, dtype="float32")
     model_bytes = spec.total_weight_bytes
     over = [s["peak_rss_bytes"] - bare["peak_rss_bytes"] for s in stages]
-    from app.builder import BuilderArgs, pool_tokens
+    from app.builder import BuilderArgs, pool_tokens, step_tokens
 
     kv_tokens = pool_tokens(BuilderArgs())
+    spec = spec.with_step_tokens(step_tokens(BuilderArgs()))
     result = {"model_bytes": model_bytes, "bare_peak_rss_bytes": bare["peak_rss_bytes"],
               "stages": [{"index": s["index"], "blocks": [s["start"], s["end"]], "weight_bytes": s["weight_bytes"],
-                          "planned_bytes": spec.stage_weight_bytes(s["start"], s["end"])
-                          + spec.stage_kv_bytes(s["start"], s["end"], kv_tokens),
+                          "planned_bytes": spec.stage_bytes(s["start"], s["end"], kv_tokens),
+                          "planned_work_bytes": spec.stage_work_bytes(s["start"], s["end"]),
+                          "work_bytes": s.get("work_bytes"), "load_peak_rss_bytes": s.get("load_peak_rss_bytes"),
+                          "rss_bytes": s.get("rss_bytes"),
                           "kv_pool_bytes": s.get("kv_cache_bytes"),
                           "peak_rss_bytes": s["peak_rss_bytes"], "over_bare_bytes": o} for s, o in zip(stages, over)],
               "max_stage_share": max(over) / model_bytes, "total_share": sum(over) / model_bytes}
@@ -148,7 +153,8 @@ def main() -> None:
     print(f"{args.quantization}: float32 model {result['model_bytes'] / mib:.0f} MiB; bare replica peak {result['bare_peak_rss_bytes'] / mib:.0f} MiB")
     for s in result["stages"]:
         print(f"Stage{s['index']} blocks {s['blocks']}: weights {s['weight_bytes'] / mib:.0f} MiB, "
-              f"planned (weights + KV pool) {s['planned_bytes'] / mib:.0f} MiB, "
+              f"KV pool {s['kv_pool_bytes'] / mib:.0f} MiB, working memory {s['work_bytes'] / mib:.0f} MiB at start "
+              f"({s['planned_work_bytes'] / mib:.0f} planned), planned in all {s['planned_bytes'] / mib:.0f} MiB, "
               f"peak over bare {s['over_bare_bytes'] / mib:.0f} MiB ({s['over_bare_bytes'] / result['model_bytes']:.2f}x "
               f"model, {s['over_bare_bytes'] / s['planned_bytes']:.2f}x planned)")
     if "load" in result:
