@@ -160,12 +160,27 @@ def differences(texts: list[str], expected: list[str]) -> list[str]:
     return out
 
 
-def two_small_hosts(env: dict | None = None) -> hosts_module.Hosts:
-    """Host a (head) and host b, each declared with 330 MiB: the 125M model (476 MiB) fits neither."""
+def half_model_memory(model_dir: str, args: dict) -> int:
+    """A host's memory that holds half of the model as one stage (weights, KV pool and working
+    memory, as the planner counts them for `args`) but not the whole model."""
+    from app.builder import BuilderArgs, pool_tokens, step_tokens
+    from placement import ModelSpec, split_even
+
+    builder = BuilderArgs(**{k: v for k, v in args.items() if k != "model"})
+    spec = ModelSpec.from_model_dir(model_dir, dtype=builder.dtype).with_step_tokens(step_tokens(builder))
+    kv_tokens = pool_tokens(builder)
+    half = max(spec.stage_bytes(start, end, kv_tokens) for start, end in split_even(spec, 2))
+    memory = int(half / 0.95) + 8 * MIB  # the planner keeps 5% of a host free
+    assert memory * 0.95 < spec.stage_bytes(0, spec.num_layers, kv_tokens), "the whole model would fit"
+    return memory
+
+
+def two_small_hosts(memory_bytes: int, env: dict | None = None) -> hosts_module.Hosts:
+    """Host a (head) and host b, each declared with `memory_bytes` (see `half_model_memory`)."""
     hosts = hosts_module.Hosts(env={**FAST_NODE_DEATH, **(env or {})}).__enter__()
     try:
-        hosts.add("a", memory_bytes=330 * MIB, num_cpus=2, head=True)
-        hosts.add("b", memory_bytes=330 * MIB, num_cpus=2)
+        hosts.add("a", memory_bytes=memory_bytes, num_cpus=2, head=True)
+        hosts.add("b", memory_bytes=memory_bytes, num_cpus=2)
     except BaseException:
         hosts.__exit__(None, None, None)
         raise
@@ -179,10 +194,11 @@ def test_auto_splits_a_model_no_host_holds_and_survives_a_host_restart(llama_125
     require_hosts()
     prompts = prompts_of(llama_125m, 4)
     expected = greedy_text(llama_125m, prompts[0], 160)
-    hosts = two_small_hosts()
+    args = {"model": llama_125m, "num_stages": "auto", "max_model_len": 512, "max_batch_size": 8,
+            "plan_kv_tokens": 2048, "stage_autoscaling": None}
+    hosts = two_small_hosts(half_model_memory(llama_125m, args))
     try:
-        with Served(hosts, {"model": llama_125m, "num_stages": "auto", "max_model_len": 512, "max_batch_size": 8,
-                            "plan_kv_tokens": 2048, "stage_autoscaling": None}) as served:
+        with Served(hosts, args) as served:
             health = served.get("/health")
             assert [(s["name"], s["node"]) for s in health["stages"]] == [("Stage0", "a"), ("Stage1", "b")] or \
                 [(s["name"], s["node"]) for s in health["stages"]] == [("Stage0", "b"), ("Stage1", "a")], health

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.serving import free_port, wait_healthy
 
 MIB = 2**20
+ARGS = {"num_stages": "auto", "plan_kv_tokens": 128, "max_model_len": 128, "max_batch_size": 4}
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +28,22 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(model_dir):
     import ray
     from ray.cluster_utils import Cluster
 
+    from app.builder import BuilderArgs, step_tokens
+    from placement import ModelSpec
+
+    # Each node has room for 12 or 16 MiB of weights and KV cache besides a stage's working
+    # memory (the planner keeps 5% of a node free).
+    spec = ModelSpec.from_model_dir(model_dir, dtype="float32").with_step_tokens(step_tokens(BuilderArgs(**ARGS)))
+    work = max(spec.stage_work_bytes(i, i + 1) for i in range(spec.num_layers)) / 0.95
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "memory": 12 * MIB, "resources": {"node_a": 1, "tflops": 1},
+        "num_cpus": 1, "memory": int(12 * MIB + work), "resources": {"node_a": 1, "tflops": 1},
         "include_dashboard": True})
-    cluster.add_node(num_cpus=1, memory=16 * MIB, resources={"node_b": 1, "tflops": 2})
-    cluster.add_node(num_cpus=1, memory=12 * MIB, resources={"node_c": 1, "tflops": 1})
+    cluster.add_node(num_cpus=1, memory=int(16 * MIB + work), resources={"node_b": 1, "tflops": 2})
+    cluster.add_node(num_cpus=1, memory=int(12 * MIB + work), resources={"node_c": 1, "tflops": 1})
     ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}})
     yield cluster
     from ray import serve
@@ -52,8 +60,7 @@ def test_auto_places_stages_on_the_planned_nodes(cluster, model_dir, tmp_path):
     from app.builder import BuilderArgs, build_app, plan_stages
     import ray
 
-    args = {"model": model_dir, "num_stages": "auto", "plan_kv_tokens": 128, "max_model_len": 128,
-            "max_batch_size": 4}
+    args = {"model": model_dir, **ARGS}
     planned = plan_stages(model_dir, BuilderArgs(**args))
     assert len(planned) >= 2  # no node holds the model
     assert planned[0][0] == 0 and planned[-1][1] == 12

