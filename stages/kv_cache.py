@@ -27,6 +27,10 @@ ATTENTION = "stagewise"
 # Steps whose rows are all this short gather them into one padded batch (a copy of a few KiB
 # per row) for one attention call: cheaper than an attention call per row.
 GATHER_MAX_TOKENS = 48  # measured: an attention call per row is cheaper from about 48 tokens on
+# A row whose context is more runs of blocks than this is copied into one piece for one attention
+# call. Measured (125M Llama, one stage, batch 16, 1,000 tokens of context, every block its own
+# run): 1,202 ms a decode step run by run, 249 ms with the copies (107 ms when each row is one run).
+MAX_RUNS = 4
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,16 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
             if new > 1:
                 mask = _visible(positions, torch.arange(logical, logical + fe - fs, device=query.device), window)
             o = F.scaled_dot_product_attention(q, key[:, :, fs:fe], value[:, :, fs:fe], attn_mask=mask, scale=scale,
+                                               enable_gqa=groups > 1)
+            out[b, :new] = o[0].transpose(0, 1)
+            continue
+        if len(parts) > MAX_RUNS and softcap is None:
+            # Many short runs (sequences that grew together take interleaved blocks): a few small
+            # calls per run would cost far more than copying the row's context once.
+            index = torch.cat([torch.arange(fs, fe, device=query.device) for fs, fe, _ in parts])
+            logical = torch.cat([torch.arange(lg, lg + fe - fs, device=query.device) for fs, fe, lg in parts])
+            mask = _visible(positions, logical, window) if new > 1 else None
+            o = F.scaled_dot_product_attention(q, key[:, :, index], value[:, :, index], attn_mask=mask, scale=scale,
                                                enable_gqa=groups > 1)
             out[b, :new] = o[0].transpose(0, 1)
             continue

@@ -69,7 +69,9 @@ def test_chained_stages_match_transformers(checkpoint, arch, num_stages, monkeyp
     assert greedy(stages, prompt_ids, 32) == expected  # short rows: gathered into one batch
     monkeypatch.setattr("stages.kv_cache.GATHER_MAX_TOKENS", 0)  # every row read in place, by runs
     assert greedy(stages, prompt_ids, 32) == expected
-    assert greedy(stages, prompt_ids, 32, interleaved(1)) == expected  # each block its own run
+    assert greedy(stages, prompt_ids, 32, interleaved(1)) == expected  # each block its own run: copied
+    monkeypatch.setattr("stages.kv_cache.MAX_RUNS", 1000)  # read run by run
+    assert greedy(stages, prompt_ids, 32, interleaved(1)) == expected
     monkeypatch.setattr("stages.kv_cache.SCORES_TILE_BYTES", 1)  # the scores a query at a time
     assert greedy(stages, prompt_ids, 32, interleaved(1)) == expected
 
