@@ -213,7 +213,7 @@ def build_app(args: BuilderArgs):
         stages.append(deployment.bind(model_dir, index, start, end, dtype=args.dtype,
                                       quantization=quantizations[index],
                                       max_batch_size=args.max_batch_size, block_size=args.kv_block_size,
-                                      num_blocks=placement.kv_pool_blocks(args.plan_kv_tokens, args.kv_block_size),
+                                      num_blocks=pool_tokens(args) // args.kv_block_size,
                                       num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens,
                                       step_tokens=step_tokens(args), limits=limits))
     # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues

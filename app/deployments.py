@@ -79,12 +79,10 @@ def warm_up(stage: Stage, step_tokens: int, max_rows: int) -> dict:
         return {"load_peak_rss_bytes": before.get("peak_rss_bytes", 0)}
     began = time.monotonic()
     stage.warm_up(step_tokens, max_rows)
-    after = process_memory()
+    work = process_memory().get("peak_rss_bytes", 0) - before.get("rss_bytes", 0)
     logger.info("Stage [%d, %d): the largest steps (%d tokens, %d rows) took %.1f MiB of working memory (%.1f s)",
-                stage.start, stage.end, step_tokens, max_rows,
-                (after.get("peak_rss_bytes", 0) - before.get("rss_bytes", 0)) / 2**20, time.monotonic() - began)
-    return {"load_peak_rss_bytes": before.get("peak_rss_bytes", 0),
-            "work_bytes": after.get("peak_rss_bytes", 0) - before.get("rss_bytes", 0)}
+                stage.start, stage.end, step_tokens, max_rows, work / 2**20, time.monotonic() - began)
+    return {"load_peak_rss_bytes": before.get("peak_rss_bytes", 0), "work_bytes": work}
 
 
 class StageDeployment:
@@ -176,14 +174,14 @@ class StageDeployment:
         if self.stage is None:
             return {"index": self.index, "state": self.announcer.replica["state"],
                     "error": self.announcer.replica["error"]}
+        memory = process_memory()
         return {"index": self.index, "address": self.server.address, "fetched_bytes": self.fetched_bytes,
                 "start": self.stage.start,
                 "end": self.stage.end, "pid": os.getpid(), "weight_bytes": self.stage.weight_bytes(),
                 "kv_cache_bytes": self.stage.cache.nbytes(),
                 "device": str(self.stage.device), "quantization": self.stage.quantization or "none",
-                **self.memory, **process_memory(),
-                "peak_rss_bytes": max(process_memory().get("peak_rss_bytes", 0),
-                                      self.memory.get("load_peak_rss_bytes", 0))}
+                **self.memory, **memory,
+                "peak_rss_bytes": max(memory.get("peak_rss_bytes", 0), self.memory.get("load_peak_rss_bytes", 0))}
 
     def load(self) -> dict:
         """What the stage has done so far (steps, rows, busy seconds, queue)."""

@@ -14,6 +14,7 @@ import torch
 from app import wire
 from app.transport import Connections, listen, serve_connections
 
+
 def _libc_malloc_trim():
     """glibc's `malloc_trim`, or None (another libc, another system)."""
     try:

@@ -244,7 +244,7 @@ class Stage(nn.Module):
         instead of a request.
 
         A prompt chunk of `step_tokens` tokens, on every other block of the pool so that
-        attention reads it as many runs (its costliest path), with logits at every position on
+        attention reads it as many runs (and copies them into one piece), with logits at every position on
         the last stage (as an echo request asks); then `max_rows` decode rows. It writes KV
         into blocks no sequence holds yet.
         """
@@ -252,13 +252,15 @@ class Stage(nn.Module):
         stride = 2 if num_blocks >= 2 else 1
         width = max(1, min(step_tokens, (num_blocks // stride) * size))
         table = [i * stride for i in range(-(-width // size))]
-        inputs = (torch.zeros(1, width, dtype=torch.long) if self.is_first
-                  else torch.zeros(1, width, self.config.hidden_size, dtype=self.dtype))
-        self.forward(inputs, [table], [0], [width], all_logits=self.is_last)
+
+        def zeros(num_rows: int, num_tokens: int) -> torch.Tensor:  # token ids, or hidden states
+            if self.is_first:
+                return torch.zeros(num_rows, num_tokens, dtype=torch.long)
+            return torch.zeros(num_rows, num_tokens, self.config.hidden_size, dtype=self.dtype)
+
+        self.forward(zeros(1, width), [table], [0], [width], all_logits=self.is_last)
         rows = max(1, min(max_rows, num_blocks))
-        inputs = (torch.zeros(rows, 1, dtype=torch.long) if self.is_first
-                  else torch.zeros(rows, 1, self.config.hidden_size, dtype=self.dtype))
-        self.forward(inputs, [[i] for i in range(rows)], [0] * rows, [1] * rows)
+        self.forward(zeros(rows, 1), [[i] for i in range(rows)], [0] * rows, [1] * rows)
 
     def rows(self, tables: list[list[int]], starts: list[int], num_new: list[int], width: int) -> PagedRows:
         """A step's rows in this stage's KV pool (`PagedRows.build`: raises ValueError for tables
