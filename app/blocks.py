@@ -113,11 +113,36 @@ class BlockPool:
         if needed > len(self._free):
             return False
         for _ in range(needed):
-            block = next(iter(self._free))
+            block = self._next_block(table.blocks[-1] if table.blocks else None, needed)
             self._evict(block)
             self._take(block)
             table.blocks.append(block)
+            needed -= 1
         return True
+
+    def _next_block(self, last: int | None, needed: int) -> int:
+        """The block a table ending at `last` takes next. Attention reads a run of consecutive
+        blocks as one piece, so a table continues into the block after its last where that one is
+        empty; otherwise it starts a new run in the longest stretch of empty blocks: at its start
+        when nothing comes before, else where the stretch left after `needed` blocks splits evenly
+        between the table before (which may still grow) and this one. A block that holds a cached
+        prefix is evicted only when no empty one is left, least recently used first."""
+        if last is not None and self._empty(last + 1):
+            return last + 1
+        best, start = (0, 0), None
+        for block in range(self.num_blocks + 1):
+            if self._empty(block):
+                start = block if start is None else start
+            elif start is not None:
+                best, start = max(best, (block - start, -start)), None
+        length, start = best[0], -best[1]
+        if not length:
+            return next(iter(self._free))
+        return start if start == 0 else start + max(0, length - needed) // 2
+
+    def _empty(self, block: int) -> bool:
+        """Free and holding no cached prefix."""
+        return block < self.num_blocks and block in self._free and self._hash_of[block] is None
 
     def cache_full_blocks(self, table: BlockTable, tokens: list[int]) -> None:
         """Registers the blocks of `table` that `tokens` (all computed) have filled since the last

@@ -53,6 +53,39 @@ def test_a_prompt_cached_whole_recomputes_its_last_block_and_eviction_is_least_r
     assert pool.match(tokens, BlockTable()) == 0
 
 
+def runs(table: BlockTable) -> int:
+    """Runs of consecutive blocks in `table` (attention reads each as one piece)."""
+    return 1 + sum(1 for a, b in zip(table.blocks, table.blocks[1:]) if b != a + 1)
+
+
+def test_sequences_that_grow_together_each_keep_one_run_of_blocks():
+    # 16 sequences decoding side by side take a block each in turn; taken from the front of the
+    # free list, every block of a sequence was its own run, and attention copied whole contexts.
+    pool = BlockPool(num_blocks=1024, block_size=16, prefix_caching=False)
+    tables = [BlockTable() for _ in range(16)]
+    for table in tables:
+        assert pool.grow(table, 200)
+    for tokens in range(201, 1013, 7):
+        for table in tables:
+            assert pool.grow(table, tokens)
+    assert [runs(table) for table in tables] == [1] * 16
+    # one that leaves makes room for a newcomer, in one run where the space allows
+    pool.release(tables[3])
+    newcomer = BlockTable()
+    assert pool.grow(newcomer, 500) and runs(newcomer) == 1
+
+
+def test_a_cached_prefix_is_evicted_only_when_no_empty_block_is_left():
+    pool = BlockPool(num_blocks=4, block_size=2)
+    a = BlockTable()
+    pool.grow(a, 4)
+    pool.cache_full_blocks(a, [1, 2, 3, 4])
+    pool.release(a)  # blocks 0 and 1 free, holding a cached prefix
+    b = BlockTable()
+    assert pool.grow(b, 4) and sorted(b.blocks) == [2, 3] and pool.num_cached == 2
+    assert pool.grow(b, 6) and pool.num_cached == 1
+
+
 def test_without_prefix_caching_nothing_is_shared():
     pool = BlockPool(num_blocks=4, block_size=2, prefix_caching=False)
     a, b = BlockTable(), BlockTable()
