@@ -9,8 +9,9 @@ compares, end to end over HTTP at the client:
   (b) 16 concurrent streams of 64 tokens against a transformers static batch of the same 16
       prompts, left-padded;
   (c) time to first token for a 256-token prompt against `generate(max_new_tokens=1)`.
-Prompts of (a) and (b) are 24 tokens. The baseline runs warm, with torch's default threads,
-while the server is idle. Prints the median of the rounds and the ratios (>1: stagewise faster).
+Prompts of (a) and (b) are 24 tokens. Every round takes prompts of its own, so that the server's
+prefix cache does not answer a later round from an earlier one's blocks. The baseline runs warm, with torch's default threads,
+while the server is idle. Prints each round's ratios, then the median of the rounds and their ratios (>1: stagewise faster).
 Each stage has one replica (`stage_autoscaling: null`; `--extra` can change any builder arg).
 """
 
@@ -123,29 +124,36 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = args.model or build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    short = prompts(tokenizer, NUM_STREAMS, PROMPT_TOKENS)
-    long = prompts(tokenizer, 1, LONG_PROMPT_TOKENS)[0]
+    # round r (0 warms up) takes shorts[r] and longs[r]: fresh prompts, none cached by an earlier round
+    shorts = prompts(tokenizer, NUM_STREAMS * (args.rounds + 1) + args.rounds + 1, PROMPT_TOKENS)
+    shorts = [shorts[r * (NUM_STREAMS + 1):(r + 1) * (NUM_STREAMS + 1)] for r in range(args.rounds + 1)]
+    longs = prompts(tokenizer, args.rounds + 1, LONG_PROMPT_TOKENS)
     # One replica per stage: this measures the pipeline, not the autoscaler (load_tests/scaling.py does).
     builder = {"model": model_dir, "num_stages": args.num_stages, "max_model_len": 1024, "stage_autoscaling": None}
     builder.update(dict(kv.split("=", 1) for kv in args.extra))
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hf_generate(model, tokenizer, short[:1], 4)  # warm
-    hf_generate(model, tokenizer, short, 4)
+    hf_generate(model, tokenizer, shorts[0][:1], 4)  # warm
+    hf_generate(model, tokenizer, shorts[0][1:], 4)
     results: dict[str, list[float]] = {k: [] for k in ("hf_single", "sw_single", "hf_batch", "sw_batch",
                                                        "hf_ttft", "sw_ttft")}
     with ServeRun(builder) as server:
         url, name = server.url, server.model
-        server_single(url, name, short[0])  # warm
-        server_concurrent(url, name, short)
+        server_single(url, name, shorts[0][0])  # warm
+        server_concurrent(url, name, shorts[0][1:])
+        server_ttft(url, name, longs[0])
         for round_ in range(args.rounds):
-            results["hf_single"].append(NEW_TOKENS / hf_generate(model, tokenizer, short[:1], NEW_TOKENS))
-            results["sw_single"].append(server_single(url, name, short[0]))
+            single, short, long = shorts[round_ + 1][0], shorts[round_ + 1][1:], longs[round_ + 1]
+            results["hf_single"].append(NEW_TOKENS / hf_generate(model, tokenizer, [single], NEW_TOKENS))
+            results["sw_single"].append(server_single(url, name, single))
             results["hf_batch"].append(NUM_STREAMS * NEW_TOKENS / hf_generate(model, tokenizer, short, NEW_TOKENS))
             results["sw_batch"].append(server_concurrent(url, name, short))
             results["hf_ttft"].append(hf_generate(model, tokenizer, [long], 1))
             results["sw_ttft"].append(server_ttft(url, name, long))
-            print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in results.items()), flush=True)
+            last = {k: v[-1] for k, v in results.items()}
+            print(f"round {round_ + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in last.items())
+                  + f"; ratios (a) {last['sw_single'] / last['hf_single']:.2f}x (b) {last['sw_batch'] / last['hf_batch']:.2f}x"
+                  f" (c) {last['hf_ttft'] / last['sw_ttft']:.2f}x", flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\nstagewise, {args.num_stages} stages via serve run, vs transformers generate() "
           f"(median of {args.rounds} rounds, torch threads {torch.get_num_threads()}):")
