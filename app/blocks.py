@@ -24,6 +24,11 @@ def chain_hashes(tokens: list[int], block_size: int) -> list[int]:
     return hashes
 
 
+# A new run of a table starts among empty blocks only where at least this many lie together;
+# else it evicts cached prefixes where free blocks do.
+MIN_RUN = 8
+
+
 @dataclass
 class BlockTable:
     """One sequence's blocks on one replica: `blocks[i]` holds its tokens `i*block_size ...`."""
@@ -122,27 +127,39 @@ class BlockPool:
 
     def _next_block(self, last: int | None, needed: int) -> int:
         """The block a table ending at `last` takes next. Attention reads a run of consecutive
-        blocks as one piece, so a table continues into the block after its last where that one is
-        empty; otherwise it starts a new run in the longest stretch of empty blocks: at its start
-        when nothing comes before, else where the stretch left after `needed` blocks splits evenly
-        between the table before (which may still grow) and this one. A block that holds a cached
-        prefix is evicted only when no empty one is left, least recently used first."""
-        if last is not None and self._empty(last + 1):
-            return last + 1
+        blocks as one piece (and copies a row of many runs), so a table continues into the block
+        after its last where that one is empty; otherwise it starts a new run in the longest
+        stretch of empty blocks, if that is at least `MIN_RUN` long: at its start
+        when nothing comes before, else where the stretch left after `needed` blocks splits
+        evenly between the table before (which may still grow) and this one. Blocks that hold a
+        cached prefix are evicted only when the empty ones are used up or scattered, by the same
+        rules over every free block (a pool whose free blocks all hold old prefixes, least
+        recently used first, would hand out blocks in the order they were freed: interleaved)."""
+        for usable in (self._empty, self._is_free):
+            if last is not None and usable(last + 1):
+                return last + 1
+            start, length = self._longest_stretch(usable)
+            if length >= MIN_RUN or (length and usable == self._is_free):
+                return start if start == 0 else start + max(0, length - needed) // 2
+        return next(iter(self._free))
+
+    def _longest_stretch(self, usable) -> tuple[int, int]:
+        """(start, length) of the longest stretch of consecutive `usable` blocks, the first of
+        equals; (0, 0) when there is none."""
         best, start = (0, 0), None
         for block in range(self.num_blocks + 1):
-            if self._empty(block):
+            if usable(block):
                 start = block if start is None else start
             elif start is not None:
                 best, start = max(best, (block - start, -start)), None
-        length, start = best[0], -best[1]
-        if not length:
-            return next(iter(self._free))
-        return start if start == 0 else start + max(0, length - needed) // 2
+        return -best[1], best[0]
 
     def _empty(self, block: int) -> bool:
         """Free and holding no cached prefix."""
-        return block < self.num_blocks and block in self._free and self._hash_of[block] is None
+        return self._is_free(block) and self._hash_of[block] is None
+
+    def _is_free(self, block: int) -> bool:
+        return block < self.num_blocks and block in self._free
 
     def cache_full_blocks(self, table: BlockTable, tokens: list[int]) -> None:
         """Registers the blocks of `table` that `tokens` (all computed) have filled since the last

@@ -75,15 +75,34 @@ def test_sequences_that_grow_together_each_keep_one_run_of_blocks():
     assert pool.grow(newcomer, 500) and runs(newcomer) == 1
 
 
-def test_a_cached_prefix_is_evicted_only_when_no_empty_block_is_left():
-    pool = BlockPool(num_blocks=4, block_size=2)
+def test_a_cached_prefix_is_evicted_only_where_no_stretch_of_empty_blocks_is_left():
+    pool = BlockPool(num_blocks=12, block_size=2)
     a = BlockTable()
     pool.grow(a, 4)
     pool.cache_full_blocks(a, [1, 2, 3, 4])
     pool.release(a)  # blocks 0 and 1 free, holding a cached prefix
     b = BlockTable()
-    assert pool.grow(b, 4) and sorted(b.blocks) == [2, 3] and pool.num_cached == 2
-    assert pool.grow(b, 6) and pool.num_cached == 1
+    assert pool.grow(b, 16) and b.blocks == list(range(3, 11)) and pool.num_cached == 2
+    assert pool.grow(b, 20) and runs(b) == 2 and pool.num_cached == 1  # block 2 alone is no run
+
+
+def test_blocks_freed_with_old_prefixes_are_still_handed_out_in_runs():
+    # Every free block holds an old prefix, least recently used in an interleaved order: taking them
+    # in that order gave sequences that grow together a run per block.
+    pool = BlockPool(num_blocks=256, block_size=16)
+    old = [BlockTable() for _ in range(16)]
+    for tokens in range(16, 257, 16):
+        for table in old:
+            pool.grow(table, tokens)
+    for index, table in enumerate(old):
+        pool.cache_full_blocks(table, [index] * 256)
+        pool.release(table)
+    assert pool.num_cached == 256 and pool.num_free == 256
+    tables = [BlockTable() for _ in range(16)]
+    for tokens in range(24, 257, 8):
+        for table in tables:
+            assert pool.grow(table, tokens)
+    assert max(runs(table) for table in tables) <= 2, [runs(table) for table in tables]
 
 
 def test_without_prefix_caching_nothing_is_shared():
