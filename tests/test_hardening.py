@@ -38,17 +38,19 @@ def post_all(url: str, bodies: list[dict], timeout: float = 60) -> list[httpx.Re
     return results
 
 
-def poison_slot(server, first_block: int | None, make) -> None:
-    """Makes the stage's rows of the sequence whose KV blocks start at `first_block` (None: every
-    row) come out as `make(output_row)` (or raise). Sequences admitted one after another into a
-    fresh pool take blocks 0, 1, ..."""
+def poison_slot(server, nth: int | None, make) -> None:
+    """Makes the stage's rows of the `nth` sequence it sees (0-based, told apart by their first KV
+    block; None: every row) come out as `make(output_row)` (or raise)."""
     stage = server.stage
     original = stage.forward
+    firsts: list[int] = []  # first blocks, in the order their sequences arrived
 
     def forward(inputs, tables, starts, num_new, **kwargs):
         out = original(inputs, tables, starts, num_new, **kwargs).clone()
         for row, table in enumerate(tables):
-            if first_block is None or table[0] == first_block:
+            if table[0] not in firsts:
+                firsts.append(table[0])
+            if nth is None or firsts.index(table[0]) == nth:
                 out[row] = make(out[row])
         return out
 
