@@ -13,6 +13,7 @@ import torch
 
 from app import wire
 from app.transport import Connections, listen, serve_connections
+from stages.stage import is_packed
 
 
 def _libc_malloc_trim():
@@ -114,7 +115,8 @@ class StageServer:
                                  "expected")
         try:  # built here, once: the tables are checked before anything is computed
             rows = self.stage.rows([list(t) for t in message.tables[0]], list(message.starts),
-                                   list(message.num_new), message.inputs.shape[1])
+                                   list(message.num_new), message.inputs.shape[1],
+                                   is_packed(message.inputs, message.num_new))
         except ValueError as exc:
             raise wire.WireError(f"step {message.step}: {exc}") from None
         self.load.queued += 1

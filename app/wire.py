@@ -13,7 +13,8 @@ sizes against `Limits` (before allocating), a known kind with its fields of the 
 known dtypes, shapes that are non-negative and add up to the payload.
 
     Step      ingress/stage -> stage   a batch to compute: rows' KV blocks per remaining stage, starts,
-                                       new tokens, the route on (next stages..., the reply address)
+                                       new tokens, the route on (next stages..., the reply address);
+                                       its rows padded to the longest, or packed in one row
     Result    last stage -> ingress    a step's logits
     Error     stage -> ingress         a step failed (message)
     Released  ingress -> stage         a draining replica holds no sequence any more
@@ -243,9 +244,11 @@ def _step(header: dict, inputs: torch.Tensor, limits: Limits) -> Step:
     rows = len(starts)
     if not 0 < rows <= limits.max_rows or len(num_new) != rows or any(len(s) != rows for s in tables):
         raise WireError(f"step: 1 to {limits.max_rows} rows, the same number in tables, starts and num_new")
-    if inputs.dim() not in (2, 3) or inputs.shape[0] != rows or inputs.shape[1] < max(num_new):
+    padded = inputs.dim() in (2, 3) and inputs.shape[0] == rows and inputs.shape[1] >= max(num_new)
+    packed = inputs.dim() in (2, 3) and inputs.shape[0] == 1 and inputs.shape[1] == sum(num_new)
+    if not (padded or packed):
         raise WireError(f"step: inputs of shape {list(inputs.shape)} do not fit {rows} rows of up to "
-                        f"{max(num_new)} tokens")
+                        f"{max(num_new)} tokens, padded, nor the {sum(num_new)} tokens of all rows packed in one")
     if not isinstance(header.get("all_logits", False), bool):
         raise WireError("step: all_logits must be a boolean")
     return Step(header["step"], tuple(route), tables, starts, num_new, header.get("all_logits", False), inputs)

@@ -46,6 +46,9 @@ class PagedRows:
             blocks that holds its tokens `0 .. starts + num_new`.
         gather_index: (B, L) flat pool position of each row's tokens in order (padded with 0),
             when every row holds at most `GATHER_MAX_TOKENS` (else None).
+        offsets: for a packed step (the rows' tokens one after another in a single row of
+            `sum(num_new)`, so that a decode row next to a prompt chunk costs one token, not the
+            chunk's width), where each row's tokens begin; None when rows are padded.
     """
 
     starts: list[int]
@@ -54,12 +57,14 @@ class PagedRows:
     valid: torch.Tensor | None
     runs: list[list[tuple[int, int, int]]]
     gather_index: torch.Tensor | None = None
+    offsets: list[int] | None = None  # packed steps: where each row's tokens begin in the one row
     masks: dict = field(default_factory=dict)  # window -> (B, 1, T, L) mask of the gathered batch
 
     @classmethod
     def build(cls, tables: list[list[int]], starts: list[int], num_new: list[int], width: int,
-              block_size: int, num_blocks: int) -> PagedRows:
-        """The step's rows in a pool of `num_blocks` blocks of `block_size` tokens.
+              block_size: int, num_blocks: int, packed: bool = False) -> PagedRows:
+        """The step's rows in a pool of `num_blocks` blocks of `block_size` tokens (`packed`: the
+        rows' tokens come one after another in one row of `width == sum(num_new)`).
 
         Raises:
             ValueError: a block outside the pool, a row with fewer blocks than its tokens need, or
@@ -84,6 +89,11 @@ class PagedRows:
             runs.append(row_runs)
         if len(set(write)) != len(write):
             raise ValueError("two rows write one cache position")
+        if packed:
+            if width != sum(num_new):
+                raise ValueError(f"a packed step of {width} tokens for rows of {sum(num_new)}")
+            offsets = [sum(num_new[:i]) for i in range(len(num_new))]
+            return cls(list(starts), list(num_new), torch.tensor(write, dtype=torch.long), None, runs, None, offsets)
         valid = torch.arange(width)[None, :] < torch.tensor(num_new)[:, None]
         lengths = [start + new for start, new in zip(starts, num_new)]
         gather = None
@@ -182,7 +192,7 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     """Attention of each row over its blocks in the pool.
 
     Args:
-        query: (B, Hq, T, D) queries of the step's new tokens.
+        query: (B, Hq, T, D) queries of the step's new tokens ((1, Hq, N, D) in a packed step).
         key, value: the layer's pool (1, H, P, D), as `PagedKVCache.update` returns it.
         attention_mask: unused (each row's causal and window limits come from its positions).
         scaling: the softmax scale (None: 1/sqrt(D)).
@@ -205,7 +215,9 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         return out.transpose(1, 2), None
     out = query.new_zeros(num_rows, width, num_heads, dim)
     for b, (start, new, runs) in enumerate(zip(paged_rows.starts, paged_rows.num_new, paged_rows.runs)):
-        q = query[b:b + 1, :, :new]  # (1, Hq, T_b, D)
+        # row b's queries: (b, 0 ..) when rows are padded, (0, offset ..) in a packed step
+        r, o = (0, paged_rows.offsets[b]) if paged_rows.offsets is not None else (b, 0)
+        q = query[r:r + 1, :, o:o + new]  # (1, Hq, T_b, D)
         positions = torch.arange(start, start + new, device=query.device)
         first = 0 if window is None else max(0, start - window + 1)  # the first query's first key
         parts = [(fs + max(first - logical, 0), fe, max(logical, first)) for fs, fe, logical in runs
@@ -215,9 +227,9 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
             mask = None  # one new token sees every key of its (window-trimmed) run
             if new > 1:
                 mask = _visible(positions, torch.arange(logical, logical + fe - fs, device=query.device), window)
-            o = F.scaled_dot_product_attention(q, key[:, :, fs:fe], value[:, :, fs:fe], attn_mask=mask, scale=scale,
+            attended = F.scaled_dot_product_attention(q, key[:, :, fs:fe], value[:, :, fs:fe], attn_mask=mask, scale=scale,
                                                enable_gqa=groups > 1)
-            out[b, :new] = o[0].transpose(0, 1)
+            out[r, o:o + new] = attended[0].transpose(0, 1)
             continue
         if len(parts) > MAX_RUNS and softcap is None:
             # Many short runs (sequences that grew together take interleaved blocks): a few small
@@ -225,9 +237,9 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
             index = torch.cat([torch.arange(fs, fe, device=query.device) for fs, fe, _ in parts])
             logical = torch.cat([torch.arange(lg, lg + fe - fs, device=query.device) for fs, fe, lg in parts])
             mask = _visible(positions, logical, window) if new > 1 else None
-            o = F.scaled_dot_product_attention(q, key[:, :, index], value[:, :, index], attn_mask=mask, scale=scale,
+            attended = F.scaled_dot_product_attention(q, key[:, :, index], value[:, :, index], attn_mask=mask, scale=scale,
                                                enable_gqa=groups > 1)
-            out[b, :new] = o[0].transpose(0, 1)
+            out[r, o:o + new] = attended[0].transpose(0, 1)
             continue
         # Several runs: each run's softmax numerator and log-sum-exp, combined; queries a tile at a
         # time, so that the float32 scores of a long chunk over a long context stay bounded.
@@ -236,8 +248,8 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         tile = max(1, SCORES_TILE_BYTES // (num_heads * context * 4))
         for t0 in range(0, new, tile):
             t1 = min(new, t0 + tile)
-            o = _runs_attention(q[:, :, t0:t1], key, value, parts, positions[t0:t1], window, scale, softcap)
-            out[b, t0:t1] = o.reshape(num_heads, t1 - t0, dim).transpose(0, 1).to(query.dtype)
+            attended = _runs_attention(q[:, :, t0:t1], key, value, parts, positions[t0:t1], window, scale, softcap)
+            out[r, o + t0:o + t1] = attended.reshape(num_heads, t1 - t0, dim).transpose(0, 1).to(query.dtype)
     return out, None
 
 

@@ -196,7 +196,8 @@ class Stage(nn.Module):
 
         Args:
             inputs: token ids (B, T) on the first stage, hidden states (B, T, C) on the others;
-                rows are right-padded to the longest.
+                rows are right-padded to the longest. Or, packed (`is_packed`), one row of every
+                row's tokens one after another: (1, N) or (1, N, C), N = sum(num_new).
             tables: each row's KV cache blocks, in order (enough for `starts + num_new` tokens).
             starts: position of each row's first new token.
             num_new: real new tokens of each row.
@@ -204,18 +205,23 @@ class Stage(nn.Module):
             rows: the step's `PagedRows`, when the caller has built (and so checked) them already.
 
         Returns:
-            hidden states (B, T, C); on the last stage float32 logits (B, V) at each row's last
-            real token, or (B, T, V) with `all_logits`.
+            hidden states shaped as `inputs`; on the last stage float32 logits (B, V) at each
+            row's last real token, or (B, T, V) with `all_logits` ((1, N, V) packed).
         """
         width = inputs.shape[1]
         starts, num_new = [int(s) for s in starts], [int(n) for n in num_new]
+        packed = is_packed(inputs, num_new)
         if rows is None:
-            rows = self.rows(tables, starts, num_new, width)
+            rows = self.rows(tables, starts, num_new, width, packed)
         self.cache.begin_step(rows)
-        # Padding repeats a row's last real position, which keeps learned/rotary tables in range.
         new = torch.tensor(num_new)
-        offsets = torch.minimum(torch.arange(width)[None, :], (new - 1)[:, None])
-        positions = (torch.tensor(starts)[:, None] + offsets).to(self.device)  # (B, T)
+        if packed:
+            positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, num_new)])[None].to(self.device)
+            last = torch.tensor(rows.offsets) + new - 1  # each row's last token in the one row
+        else:
+            # Padding repeats a row's last real position, which keeps learned/rotary tables in range.
+            offsets = torch.minimum(torch.arange(width)[None, :], (new - 1)[:, None])
+            positions = (torch.tensor(starts)[:, None] + offsets).to(self.device)  # (B, T)
 
         inputs = inputs.to(self.device)
         if self.is_first:
@@ -232,7 +238,9 @@ class Stage(nn.Module):
             hidden = out[0] if isinstance(out, tuple) else out
         if not self.is_last:
             return hidden
-        if not all_logits:
+        if not all_logits and packed:
+            hidden = hidden[0, last.to(self.device)]  # (B, C)
+        elif not all_logits:
             hidden = hidden[torch.arange(hidden.shape[0]), (new - 1).to(self.device)]  # (B, C)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
@@ -262,10 +270,16 @@ class Stage(nn.Module):
         rows = max(1, min(max_rows, num_blocks))
         self.forward(zeros(rows, 1), [[i] for i in range(rows)], [0] * rows, [1] * rows)
 
-    def rows(self, tables: list[list[int]], starts: list[int], num_new: list[int], width: int) -> PagedRows:
+    def rows(self, tables: list[list[int]], starts: list[int], num_new: list[int], width: int,
+             packed: bool = False) -> PagedRows:
         """A step's rows in this stage's KV pool (`PagedRows.build`: raises ValueError for tables
         that do not fit the pool)."""
-        return PagedRows.build(tables, starts, num_new, width, self.cache.block_size, self.cache.num_blocks)
+        return PagedRows.build(tables, starts, num_new, width, self.cache.block_size, self.cache.num_blocks, packed)
+
+
+def is_packed(inputs: torch.Tensor, num_new: list[int]) -> bool:
+    """Whether a step's `inputs` hold its rows packed into one row (a step of one row is either)."""
+    return inputs.shape[0] == 1 and len(num_new) > 1
 
 
 def meta_model(config, dtype: torch.dtype) -> nn.Module:

@@ -112,6 +112,37 @@ def test_batched_rows_of_different_lengths_match_each_alone(checkpoint, num_stag
     assert [outputs[i] for i in range(3)] == alone
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_packed_steps_of_decode_rows_and_prompt_chunks_match_transformers(checkpoint, arch):
+    """A step packs its rows' tokens into one row (a decode row next to a prompt chunk costs one
+    token, not the chunk's width): sequence 0 decodes while sequence 1's prompt arrives in two
+    chunks, then both decode, every step packed; each gets what it gets alone."""
+    model_dir = checkpoint(arch)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer(PROMPT).input_ids, tokenizer("music of the river and stone garden at night").input_ids]
+    expected = [reference(model_dir, p, 16) for p in prompts]
+    stages = [Stage(model_dir, start, end, num_blocks=64, block_size=BLOCK) for start, end in SPLITS[2]]
+    tables, out = [interleaved(0, 2), contiguous(2)], [[], []]
+    logits = step(stages, torch.tensor([prompts[0]]), [tables[0](len(prompts[0]))], [0], [len(prompts[0])])
+    out[0].append(int(logits[0].argmax()))
+    half = len(prompts[1]) // 2
+    for a, b in ((0, half), (half, len(prompts[1]))):
+        at = len(prompts[0]) + len(out[0]) - 1
+        logits = step(stages, torch.tensor([[out[0][-1]] + prompts[1][a:b]]), [tables[0](at + 1), tables[1](b)],
+                      [at, a], [1, b - a])
+        assert logits.shape[0] == 2
+        out[0].append(int(logits[0].argmax()))
+    out[1].append(int(logits[1].argmax()))
+    while len(out[1]) < 16:
+        rows = [i for i in (0, 1) if len(out[i]) < 16]
+        at = [len(prompts[i]) + len(out[i]) - 1 for i in rows]
+        logits = step(stages, torch.tensor([[out[i][-1] for i in rows]]), [tables[i](a + 1) for i, a in zip(rows, at)],
+                      at, [1] * len(rows))
+        for row, i in enumerate(rows):
+            out[i].append(int(logits[row].argmax()))
+    assert out == expected
+
+
 def test_a_warmed_up_stage_answers_as_before(checkpoint):
     """`Stage.warm_up` runs the largest steps on blocks no sequence holds yet: what it leaves in
     them is never read (a sequence writes each position before attending to it)."""
