@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import placement
 from app.autoscaling import DEFAULT_STAGE_AUTOSCALING
@@ -35,7 +35,10 @@ class BuilderArgs(BaseModel):
     enable_prefix_caching: bool = Field(True, description="share the KV blocks of equal prompt prefixes")
     max_batch_size: int = Field(16, ge=1, le=1024, description="sequences open at once (KV cache slots)")
     max_model_len: int | None = Field(None, ge=16, description="prompt + output; default min(model, 4096)")
-    max_prefill_tokens: int = Field(512, ge=1, description="tokens per step, padding included: prompts longer are prefilled in chunks")
+    max_num_batched_tokens: int = Field(512, ge=1, description="tokens per step (vLLM's name): the decoding "
+                                        "sequences' tokens, then chunks of prompts in what is left")
+    long_prefill_token_threshold: int = Field(32, ge=0, description="the most tokens of one prompt in a step "
+                                              "that carries decoding sequences (0: no cap)")
     num_microbatches: int = Field(1, ge=1, le=64, description="steps in flight at once")
     max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
     step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
@@ -69,6 +72,14 @@ class BuilderArgs(BaseModel):
 
         AutoscalingConfig(**merged)  # a clear error now rather than from Serve later
         return merged
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        if isinstance(values, dict) and "max_prefill_tokens" in values:
+            raise ValueError("max_prefill_tokens is now max_num_batched_tokens (vLLM's name): the tokens of a "
+                             "step, decoding sequences' and prompt chunks' together")
+        return values
 
     @field_validator("num_stages", mode="before")
     @classmethod
@@ -136,9 +147,10 @@ def pool_tokens(args: BuilderArgs) -> int:
 
 
 def step_tokens(args: BuilderArgs) -> int:
-    """The most tokens one step carries (padding included): a prompt chunk, or a token for each
-    open sequence. Each stage's working memory is planned for it, and taken at its start."""
-    return max(args.max_prefill_tokens, args.max_batch_size)
+    """The most tokens one step carries (padding included): decode rows and prompt chunks within
+    the budget, or a token for each open sequence. Each stage's working memory is planned for it,
+    and taken at its start."""
+    return max(args.max_num_batched_tokens, args.max_batch_size)
 
 
 def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
@@ -150,7 +162,9 @@ def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
         raise ValueError(f"plan_kv_tokens ({args.plan_kv_tokens}) must hold at least one sequence of max_model_len "
                          f"({max_model_len}) tokens: raise it, or lower max_model_len")
     return EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_model_len,
-                        max_prefill_tokens=args.max_prefill_tokens, num_microbatches=args.num_microbatches,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        long_prefill_token_threshold=args.long_prefill_token_threshold,
+                        num_microbatches=args.num_microbatches,
                         max_queued_requests=args.max_queued_requests, step_timeout_s=args.step_timeout_s,
                         max_step_failures=args.max_step_failures, prefix_caching=args.enable_prefix_caching)
 

@@ -2,17 +2,18 @@
 
 The engine keeps every open sequence's token ids. A sequence's *pending* tokens are those the
 stages have not cached yet: the whole prompt at first, then the one token just sampled. Each
-step takes the pending tokens of some sequences (prefill rows, chunked to a token budget, or
-decode rows of one token), runs them through the stages as one batch and, for every row whose
-tokens are now all cached, samples the next token. Because a sequence is just its token ids,
+step takes the pending tokens of some sequences (decode rows of one token, and chunks of
+prompts within a token budget), runs them through the stages as one batch (packed into one row
+when their lengths differ) and, for every row whose tokens are now all cached, samples the
+next token. Because a sequence is just its token ids,
 a stage that lost its cache is rebuilt by setting `num_cached = 0`: the same step logic replays
 the prompt and the output so far, and greedy generation goes on exactly as before.
 
 A stage may have several replicas, each with its own batch slots and KV cache blocks (see
-`app.scheduler` for admission and pre-emption, `app.blocks` for the blocks and prefix caching). A sequence is routed
-through one replica of every stage (its *route*) and keeps it (session affinity); new
-sequences go to the replicas with the most free slots; sequences of one route are batched
-together. When a replica drains (scale-down) or disappears, its sequences move to another
+`app.scheduler` for admission and pre-emption, `app.blocks` for the blocks and prefix caching).
+A sequence is routed through one replica of every stage (its *route*) and keeps it (session
+affinity); new sequences go to the replicas with the most free slots; sequences of one route are
+batched together. When a replica drains (scale-down) or disappears, its sequences move to another
 replica of that stage by the same replay, and a drained replica is told when it holds none.
 """
 
@@ -25,7 +26,7 @@ import time
 import torch
 
 from app.metrics import IngressMetrics
-from app.pipeline import StepFailed
+from app.pipeline import StepFailed, step_inputs
 from app.replicas import ReplicaPool
 from app.sampling import Choice, prompt_logprobs, sample
 from app.scheduler import Scheduler
@@ -251,11 +252,11 @@ class Engine:
 
     async def _step(self, route: tuple[str, ...], rows: list[Row], epoch: int
                     ) -> tuple[Exception | None, list[Row]]:
-        width = max(row.num_new for row in rows)
-        inputs = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            inputs[i, : row.num_new] = torch.tensor(row.seq.tokens[row.start:row.start + row.num_new])
         all_logits = any(row.seq.needs_all_logits for row in rows)
+        # rows of unequal lengths (decode rows beside prompt chunks) go packed, unless every
+        # position's logits come back
+        packed = len({row.num_new for row in rows}) > 1 and not all_logits
+        inputs = step_inputs([row.seq.tokens[row.start:row.start + row.num_new] for row in rows], packed)
         tables = [[row.seq.tables[stage].blocks for row in rows] for stage in range(len(route))]
         try:
             addresses = [self.replicas[replica_id].address for replica_id in route]
@@ -263,10 +264,7 @@ class Engine:
                                               [r.num_new for r in rows], all_logits=all_logits,
                                               timeout=self.config.step_timeout_s)
         except (StepFailed, KeyError) as exc:
-            for row in rows:
-                row.seq.in_flight = False
-                if row.seq.finished:
-                    self._release(row.seq)
+            self._drop_rows(rows)
             return (exc if isinstance(exc, StepFailed) else StepFailed(f"replica {exc} went away")), rows
         finally:
             self.stats["steps"] += 1
@@ -276,11 +274,15 @@ class Engine:
         if epoch == self._epoch:
             self._finish_step(rows, logits, all_logits)
         else:
-            for row in rows:
-                row.seq.in_flight = False
-                if row.seq.finished:
-                    self._release(row.seq)
+            self._drop_rows(rows)
         return None, rows
+
+    def _drop_rows(self, rows: list[Row]) -> None:
+        """A step's rows, whose results are not used: free again, released where finished."""
+        for row in rows:
+            row.seq.in_flight = False
+            if row.seq.finished:
+                self._release(row.seq)
 
     def _finish_step(self, rows: list[Row], logits: torch.Tensor, all_logits: bool) -> None:
         sampling_rows, sampled = [], []

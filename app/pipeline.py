@@ -15,6 +15,17 @@ from app.transport import Connections, connect_authenticated, listen, serve_conn
 logger = logging.getLogger(__name__)
 
 
+def step_inputs(token_rows: list[list[int]], packed: bool) -> torch.Tensor:
+    """A step's token ids: each row right-padded to the longest (B, T), or `packed` into one row
+    (1, N) of every row's tokens one after another, as the stages take both."""
+    if packed:
+        return torch.tensor([[token for row in token_rows for token in row]])
+    inputs = torch.zeros((len(token_rows), max(len(row) for row in token_rows)), dtype=torch.long)
+    for i, row in enumerate(token_rows):
+        inputs[i, :len(row)] = torch.tensor(row)
+    return inputs
+
+
 class StepFailed(RuntimeError):
     """A step did not come back: a stage failed, vanished or timed out."""
 

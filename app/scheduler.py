@@ -6,10 +6,10 @@ the next steps, out. A sequence is admitted when every replica of its route has 
 blocks for all its tokens (those of a cached prefix are shared, not computed again). When a
 decoding sequence needs a block and a replica has none free, the most recently admitted sequence
 that is not in a step is pre-empted: its blocks are freed and it waits again, to resume by
-replaying its prompt and tokens so far (vLLM's recompute pre-emption). Prefill rows (a prompt, or a replay after a failure, chunked to `max_prefill_tokens`) and
-decode rows (one token each) alternate per route, so that a long prompt does not stall the
-decoding sequences for long, and the decoding sequences of a route are shared evenly between its
-micro-batches.
+replaying its prompt and tokens so far (vLLM's recompute pre-emption). A step carries a route's
+decoding sequences (one token each, shared evenly between its micro-batches) and chunks of its
+prompts (or replays after a failure) within `max_num_batched_tokens`, so that a long prompt
+does not stall the sequences decoding around it (vLLM v1's chunked prefill).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Scheduler:
     """Plans steps for the engine.
 
     Args:
-        config: the engine's limits (`max_prefill_tokens`, `num_microbatches`).
+        config: the engine's limits (`max_num_batched_tokens`, `num_microbatches`).
         num_stages: stages in the pipeline.
     """
 
@@ -110,14 +110,19 @@ class Scheduler:
         return True
 
     def _next_batch(self, route: tuple[str, ...], ready: list[Sequence], running: list[Sequence]) -> list[Row]:
-        prefill = [s for s in ready if s.num_pending > 1 or s.needs_all_logits]
-        decode = [s for s in ready if s not in prefill]
-        if prefill and (not decode or self._last_kind.get(route, "decode") == "decode"):
-            self._last_kind[route] = "prefill"
+        """The rows of the route's next step, vLLM v1's chunked prefill: its decoding sequences
+        first (one token each; split evenly between the micro-batches), then chunks of waiting
+        prompts in what is left of `max_num_batched_tokens`. The stages take such a step packed
+        (every row's tokens in one row), so a decode row costs one token beside a chunk.
+        Sequences that want logits at every prompt position (echo with log-probabilities) take
+        steps of their own, padded, alternating with the others."""
+        echo = [s for s in ready if s.needs_all_logits]
+        if echo and (len(echo) == len(ready) or self._last_kind.get(route) != "echo"):
+            self._last_kind[route] = "echo"
             # Rows are padded to the widest: the step computes rows x widest positions, and that
             # (what the stages' working memory is planned for) stays within the budget.
-            rows, width, budget = [], 0, self.config.max_prefill_tokens
-            for seq in prefill:
+            rows, width, budget = [], 0, self.config.max_num_batched_tokens
+            for seq in echo:
                 cap = budget // (len(rows) + 1)
                 if width > cap or cap < 1:
                     break
@@ -125,10 +130,21 @@ class Scheduler:
                 rows.append(Row(seq, seq.num_cached, num_new))
                 width = max(width, num_new)
             return rows
-        if not decode:
-            return []
-        self._last_kind[route] = "decode"
-        # Split the route's running sequences evenly between the micro-batches.
+        self._last_kind[route] = "mixed"
+        decode = [s for s in ready if s.num_pending == 1 and not s.needs_all_logits]
         on_route = sum(1 for s in running if s.route == route and not s.finished)
         share = -(-on_route // self.config.num_microbatches)
-        return [Row(seq, seq.num_cached, 1) for seq in decode[:max(share, 1)]]
+        rows = [Row(seq, seq.num_cached, 1) for seq in decode[:max(share, 1)]]
+        budget = self.config.max_num_batched_tokens - len(rows)
+        # Beside decode rows a prompt takes at most `long_prefill_token_threshold` tokens a step
+        # (vLLM's cap, which it applies to every step): on the CPU a step's time grows with its
+        # tokens, and every decoding sequence waits for the step. Alone it takes the budget.
+        threshold = self.config.long_prefill_token_threshold
+        cap = threshold if rows and threshold else budget
+        for seq in ready:
+            if budget < 1:
+                break
+            if seq.num_pending > 1 and not seq.needs_all_logits:
+                rows.append(Row(seq, seq.num_cached, min(seq.num_pending, budget, cap)))
+                budget -= rows[-1].num_new
+        return rows

@@ -26,8 +26,11 @@ class EngineConfig:
     Attributes:
         max_batch_size: sequences open at once on a replica (its batch slots).
         max_model_len: longest sequence, prompt + output.
-        max_prefill_tokens: prompt tokens per step; longer prompts are prefilled in chunks so
-            that running decodes are not stalled for long.
+        max_num_batched_tokens: tokens per step (vLLM's name): a route's decode rows, then
+            chunks of its prompts in what is left, so that a long prompt does not stall the
+            sequences decoding around it.
+        long_prefill_token_threshold: the most tokens of one prompt in a step that also carries
+            decoding sequences (0: the budget), so that they are not stalled for long.
         num_microbatches: steps in flight at once, each with its own share of the sequences.
         max_queued_requests: sequences waiting for a slot before new requests get a 503.
         step_timeout_s: a step that takes longer counts as failed (a hung stage).
@@ -41,7 +44,8 @@ class EngineConfig:
 
     max_batch_size: int = 16
     max_model_len: int = 2048
-    max_prefill_tokens: int = 512
+    max_num_batched_tokens: int = 512
+    long_prefill_token_threshold: int = 0
     num_microbatches: int = 1
     max_queued_requests: int = 256
     step_timeout_s: float = 60.0

@@ -8,8 +8,9 @@ stage, and measures at the client, over HTTP:
   (2) `--streams` greedy streams of 96 tokens (24-token prompts, ignore_eos); once every stream
       has its 8th token, the long prompt (another one, so the prefix cache cannot answer it)
       arrives. Printed: the streams' median inter-token gap over the whole run, their longest gap
-      that overlaps the long prompt's wait for its first token, the ratio of the two, and the
-      long prompt's time to first token under load against alone.
+      that overlaps the long prompt's wait for its first token, the ratio of the two, their
+      median gaps during that wait and clear of it, and the long prompt's time to first token
+      under load against alone.
 The issue's targets: longest gap during the prefill at most 3x the median; TTFT under load
 within 1.5x of alone.
 """
@@ -72,15 +73,17 @@ def run_mixed(url: str, model: str, streams: list[list[int]], long: list[int]) -
     first = arrivals[0]
     for t in threads:
         t.join()
-    gaps, during = [], []
+    gaps, during, outside = [], [], []
     for times in results:
         assert len(times) >= STREAM_TOKENS - 1, len(times)  # a token may end with the closing chunk
         for a, b in zip(times, times[1:]):
             gaps.append(b - a)
-            if b > sent and a < first:  # this gap overlaps the long prompt's wait
-                during.append(b - a)
-    return {"median_gap_s": statistics.median(gaps), "max_gap_during_s": max(during, default=0.0),
-            "ttft_s": first - sent}
+            # gaps that overlap the long prompt's wait for its first token, and those clear of it
+            (during if b > sent and a < first else outside).append(b - a)
+    median = statistics.median
+    return {"median_gap_s": median(gaps), "max_gap_during_s": max(during, default=0.0),
+            "median_gap_during_s": median(during) if during else 0.0,
+            "median_gap_outside_s": median(outside) if outside else 0.0, "ttft_s": first - sent}
 
 
 def main() -> None:
@@ -105,10 +108,13 @@ def main() -> None:
         alone = arrivals[0] - sent
         mixed = run_mixed(url, name, short[:args.streams], longs[2])
     ratio = mixed["max_gap_during_s"] / mixed["median_gap_s"]
+    clear = mixed["max_gap_during_s"] / mixed["median_gap_outside_s"]
     print(f"\n{args.streams} streams x {STREAM_TOKENS} tokens, a {args.long_tokens}-token prompt arriving "
           f"({args.num_stages} stages, {json.dumps({k: v for k, v in builder.items() if k != 'model'})}):")
     print(f"streams' median inter-token gap {mixed['median_gap_s'] * 1e3:.0f} ms; longest gap during the long "
-          f"prefill {mixed['max_gap_during_s'] * 1e3:.0f} ms: {ratio:.1f}x the median (target <= 3x)")
+          f"prefill {mixed['max_gap_during_s'] * 1e3:.0f} ms: {ratio:.1f}x the median (target <= 3x); their median "
+          f"gap during it {mixed['median_gap_during_s'] * 1e3:.0f} ms, clear of it "
+          f"{mixed['median_gap_outside_s'] * 1e3:.0f} ms (the longest is {clear:.1f}x that)")
     print(f"long prompt's TTFT alone {alone * 1e3:.0f} ms, under load {mixed['ttft_s'] * 1e3:.0f} ms: "
           f"{mixed['ttft_s'] / alone:.2f}x (target <= 1.5x)")
 

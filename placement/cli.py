@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--step-tokens",
         type=int,
         default=512,
-        help="the most tokens a step carries (the server's max(max_prefill_tokens, max_batch_size)): "
+        help="the most tokens a step carries (the server's max(max_num_batched_tokens, max_batch_size)): "
         "each stage's working memory is planned for it; 0 plans none",
     )
     return parser

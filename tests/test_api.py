@@ -57,8 +57,15 @@ def test_concurrent_requests_join_and_leave(checkpoint):
     prompts = ["the", "a quick brown fox jumps over the lazy dog", "stone garden", "city of Paris and the river"]
     lengths = [20, 5, 12, 30]
     expected = [reference_ids(model_dir, tokenizer(p).input_ids, n) for p, n in zip(prompts, lengths)]
-    with local_app(model_dir, [(0, 3), (3, 6)], max_batch_size=3, max_prefill_tokens=8) as (client, engine, _):
+    with local_app(model_dir, [(0, 3), (3, 6)], max_batch_size=3, max_num_batched_tokens=8) as (client, engine, _):
         results = [None] * len(prompts)
+        packed, send = [], engine.pipeline.step
+
+        async def step(route, inputs, tables, starts, num_new, **kwargs):
+            packed.append(inputs.shape[0] == 1 and len(starts) > 1)
+            return await send(route, inputs, tables, starts, num_new, **kwargs)
+
+        engine.pipeline.step = step
 
         def run(i):
             body = complete(client, prompt=prompts[i], max_tokens=lengths[i], temperature=0, logprobs=0,
@@ -76,6 +83,7 @@ def test_concurrent_requests_join_and_leave(checkpoint):
                 len(expected[i]) < lengths[i]
         assert engine.num_running == 0 and engine.num_free_slots == 3
         assert engine.stats["steps"] > max(lengths)  # prefills were chunked (8 tokens per step)
+        assert any(packed)  # decode rows and prompt chunks shared steps, packed into one row
 
 
 def test_stream_matches_plain_and_reports_usage(checkpoint):
@@ -130,7 +138,7 @@ def test_echo_logprobs_and_max_tokens_zero(checkpoint):
     logprobs = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0], dim=-1)
     expected = [logprobs[i, prompt_ids[i + 1]].item() for i in range(len(prompt_ids) - 1)]
     best = torch.topk(logprobs[:-1], 2)  # the two likeliest tokens at each prompt position after the first
-    with local_app(model_dir, THREE, max_prefill_tokens=3) as (client, _, _):
+    with local_app(model_dir, THREE, max_num_batched_tokens=3) as (client, _, _):
         body = complete(client, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
         choice = body["choices"][0]
         assert choice["text"] == prompt and body["usage"]["completion_tokens"] == 0

@@ -56,9 +56,9 @@ def test_admission_takes_the_replica_with_the_most_free_slots_and_stops_when_a_s
     assert running[-1].route == ("b0", "a1") and len(waiting) == 1
 
 
-def test_prefill_is_chunked_to_the_budget_and_alternates_with_decode():
+def test_a_step_carries_the_decoding_rows_then_prompt_chunks_within_the_budget():
     pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
-    scheduler = Scheduler(EngineConfig(max_prefill_tokens=5), 2)
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=5), 2)
     decoding, long = seq(3), seq(12)
     running, waiting = [], [decoding, long]
     scheduler.admit(waiting, running, pool)
@@ -74,31 +74,58 @@ def test_prefill_is_chunked_to_the_budget_and_alternates_with_decode():
                 decoding.output_ids.append(7)
         return [(running.index(row.seq), row.num_new) for row in rows]
 
-    assert step() == [(1, 5)]  # prefill first (the decode row waited last)
-    assert step() == [(0, 1)]  # then decode
-    assert step() == [(1, 5)]
-    assert step() == [(0, 1)]
-    assert step() == [(1, 2)]  # the rest of the prompt
+    # The decoding sequence gets its token every step; the prompt takes what is left of the 5.
+    assert [step() for _ in range(4)] == [[(0, 1), (1, 4)]] * 3 + [[(0, 1)]]
     # Nothing is scheduled through a replica that cannot be reached.
     assert list(scheduler.next_batches(running, {"a0"}, {}, waiting, pool)) == []
 
 
-def test_a_prefill_step_computes_at_most_the_budget_padding_included():
-    """Rows are padded to the widest: a short prompt beside a long one would otherwise make the
-    step (and the stages' working memory) rows x widest, far beyond the budget."""
+def test_beside_decode_rows_a_prompt_takes_at_most_the_threshold_and_alone_the_budget():
     pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
-    scheduler = Scheduler(EngineConfig(max_prefill_tokens=64), 2)
-    running, waiting = [], [seq(60), seq(3), seq(3), seq(40), seq(30)]
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=16, long_prefill_token_threshold=4), 2)
+    decoding, long = seq(3), seq(30)
+    running, waiting = [], [decoding, long]
     scheduler.admit(waiting, running, pool)
-    computed = []
+    decoding.num_cached, decoding.output_ids = 3, [7]
+    sizes = []
+    for _ in range(4):
+        [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+        sizes.append([row.num_new for row in rows])
+        for row in rows:
+            row.seq.in_flight = False
+            row.seq.num_cached = row.start + row.num_new
+        if decoding.num_pending == 0 and len(decoding.output_ids) < 2:
+            decoding.output_ids.append(7)  # one more token, then it has finished
+        elif decoding.num_pending == 0:
+            decoding.finish_reason = "length"
+    assert sizes == [[1, 4], [1, 4], [16], [6]]
+
+
+def test_a_step_computes_at_most_the_budget_and_echo_steps_their_padding_included():
+    """Mixed steps go packed (their tokens count once); steps of sequences that want every
+    prompt position's logits go padded, and rows x widest stays within the budget (else a short
+    prompt beside a long one would make the step, and the stages' working memory, far larger)."""
+    pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=64), 2)
+    running, waiting = [], [seq(60), seq(3), seq(3), seq(40), seq(30), seq(50), seq(2)]
+    for s in waiting[4:]:
+        s.prompt_logprobs = True
+    scheduler.admit(waiting, running, pool)
+    computed, kinds = [], set()
     while any(s.num_pending for s in running):
         [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
-        assert len(rows) * max(row.num_new for row in rows) <= 64
+        echo = {row.seq.needs_all_logits for row in rows}
+        assert len(echo) == 1  # echo rows never share a step with others
+        kinds |= echo
+        if echo == {True}:
+            assert len(rows) * max(row.num_new for row in rows) <= 64
+        else:
+            assert sum(row.num_new for row in rows) <= 64
         for row in rows:
             row.seq.in_flight = False
             row.seq.num_cached = row.start + row.num_new
         computed += [row.num_new for row in rows]
-    assert sum(computed) == 60 + 3 + 3 + 40 + 30  # every prompt token, once
+    assert sum(computed) == 60 + 3 + 3 + 40 + 30 + 50 + 2 and kinds == {True, False}  # every token, once
 
 
 def test_micro_batches_share_the_decoding_sequences_of_a_route():
@@ -165,3 +192,14 @@ def test_a_cached_prefix_is_taken_not_computed_and_only_where_every_stage_has_it
     waiting.append(echo)
     scheduler.admit(waiting, running, pool)
     assert echo.num_cached == 0  # its prompt's log-probabilities are computed, not taken
+
+
+def test_the_old_name_of_the_step_budget_gets_a_clear_error():
+    import pydantic
+    import pytest
+
+    from app.builder import BuilderArgs
+
+    with pytest.raises(pydantic.ValidationError, match="max_prefill_tokens is now max_num_batched_tokens"):
+        BuilderArgs(max_prefill_tokens=256)
+    assert BuilderArgs(max_num_batched_tokens=256).long_prefill_token_threshold == 32
