@@ -28,7 +28,8 @@ import torch
 from app.metrics import IngressMetrics
 from app.pipeline import StepFailed, step_inputs
 from app.replicas import ReplicaPool
-from app.sampling import Choice, prompt_logprobs, sample
+from app.sampling import Choice, choose, prompt_logprobs
+from app.sequence import WANT_LOGITS, WANT_TOKEN
 from app.scheduler import Scheduler
 from app.sequence import EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
 
@@ -258,10 +259,11 @@ class Engine:
         packed = len({row.num_new for row in rows}) > 1 and not all_logits
         inputs = step_inputs([row.seq.tokens[row.start:row.start + row.num_new] for row in rows], packed)
         tables = [[row.seq.tables[stage].blocks for row in rows] for stage in range(len(route))]
+        want = () if all_logits else tuple(row.want for row in rows)
         try:
             addresses = [self.replicas[replica_id].address for replica_id in route]
-            logits = await self.pipeline.step(addresses, inputs, tables, [r.start for r in rows],
-                                              [r.num_new for r in rows], all_logits=all_logits,
+            result = await self.pipeline.step(addresses, inputs, tables, [r.start for r in rows],
+                                              [r.num_new for r in rows], all_logits=all_logits, want=want,
                                               timeout=self.config.step_timeout_s)
         except (StepFailed, KeyError) as exc:
             self._drop_rows(rows)
@@ -272,7 +274,7 @@ class Engine:
         for row in rows:
             row.seq.step_failures = 0
         if epoch == self._epoch:
-            self._finish_step(rows, logits, all_logits)
+            self._finish_step(rows, result, want, all_logits)
         else:
             self._drop_rows(rows)
         return None, rows
@@ -284,8 +286,13 @@ class Engine:
             if row.seq.finished:
                 self._release(row.seq)
 
-    def _finish_step(self, rows: list[Row], logits: torch.Tensor, all_logits: bool) -> None:
-        sampling_rows, sampled = [], []
+    def _finish_step(self, rows: list[Row], result: tuple[torch.Tensor, torch.Tensor | None], want: tuple[int, ...],
+                     all_logits: bool) -> None:
+        logits, tokens = result
+        # the logits come for every row, or (with `want`) for the rows that want them, in order
+        logit_row = list(range(len(rows))) if not want else \
+            {i: k for k, i in enumerate(i for i, w in enumerate(want) if w == WANT_LOGITS)}
+        chosen: list[tuple[Sequence, torch.Tensor | int]] = []  # the token or logits each sequence samples from
         for i, row in enumerate(rows):
             seq = row.seq
             seq.in_flight = False
@@ -299,15 +306,12 @@ class Engine:
             if seq.num_pending == 0 and seq.params.max_tokens == 0:  # echo: the prompt scored, nothing more
                 self._finish(seq, "length")
             elif seq.num_pending == 0:
-                last = logits[i, row.num_new - 1] if all_logits else logits[i]
-                sampling_rows.append(last)
-                sampled.append(seq)
-        if not sampled:
-            return
-        choices = sample(torch.stack(sampling_rows),
-                         [(s.params, s.prompt_ids, s.output_ids, s.generator) for s in sampled])
+                chosen.append((seq, int(tokens[i]) if want and want[i] == WANT_TOKEN else
+                               logits[i, row.num_new - 1] if all_logits else logits[logit_row[i]]))
+        choices = list(zip([seq for seq, _ in chosen], choose([(source, seq.params, seq.prompt_ids, seq.output_ids,
+                                                                 seq.generator) for seq, source in chosen])))
         now = time.monotonic()
-        for seq, choice in zip(sampled, choices):
+        for seq, choice in choices:
             if isinstance(choice, Exception):
                 self._fail(seq, f"sampling failed: {choice}", "sampling")
                 continue
@@ -315,7 +319,7 @@ class Engine:
                 seq.first_token_at = now
                 self.metrics.first_token(now - seq.arrival)
             self._append(seq, choice)
-        self.metrics.generated_tokens(sum(not isinstance(c, Exception) for c in choices))
+        self.metrics.generated_tokens(sum(not isinstance(c, Exception) for _, c in choices))
 
     def _record_prompt_logprobs(self, seq: Sequence, row: Row, logits: torch.Tensor) -> None:
         if not seq.prompt_logprob_values:

@@ -48,7 +48,7 @@ class PipelineClient:
         self.secret = secret
         self._server, self.reply_address = listen(host)
         self._out = Connections(secret)
-        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, frozenset, int]] = {}
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, frozenset, int, tuple]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._watched: dict[str, list] = {}
@@ -61,17 +61,23 @@ class PipelineClient:
             entry = self._pending.pop(message.step, None)
         if entry is None:
             return  # a step we gave up on
-        loop, future, _, rows = entry
+        loop, future, _, rows, want = entry
         if isinstance(message, wire.Error):
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(message.message))
-        elif message.logits.shape[0] != rows:
+            return
+        # as many rows of logits (and tokens) as the step asked for
+        logit_rows = want.count(wire.WANT_LOGITS) if want else rows
+        tokens = message.tokens
+        if message.logits.shape[0] != logit_rows or (tokens is None) != (not want) or (
+                tokens is not None and tokens.shape[0] != rows):
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(
-                f"step {message.step}: {message.logits.shape[0]} rows of logits for {rows} rows"))
+                f"step {message.step}: {message.logits.shape[0]} rows of logits for {logit_rows} rows"))
         else:
-            loop.call_soon_threadsafe(_resolve, future, message.logits, None)
+            loop.call_soon_threadsafe(_resolve, future, (message.logits, tokens), None)
 
     async def step(self, route: list[str], inputs: torch.Tensor, tables: list[list[list[int]]], starts: list[int],
-                   num_new: list[int], *, all_logits: bool = False, timeout: float | None = None) -> torch.Tensor:
+                   num_new: list[int], *, all_logits: bool = False, want: tuple[int, ...] = (),
+                   timeout: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Runs one batched step through one replica of every stage.
 
         Args:
@@ -81,10 +87,12 @@ class PipelineClient:
             starts: first new position of each row.
             num_new: real new tokens of each row.
             all_logits: return logits at every position (B, T, V) instead of the last (B, V).
+            want: per row, what the last stage returns (`wire.WANT_*`); empty: every row's logits.
             timeout: seconds to wait for the result before the step counts as failed.
 
         Returns:
-            float32 logits from the last stage.
+            (float32 logits, None), or with `want`: (the logits of the rows that want them,
+            (B,) int64 tokens of those that want a greedy token, -1 where not finite).
 
         Raises:
             StepFailed: a stage reported an error, could not be reached, or timed out.
@@ -93,10 +101,10 @@ class PipelineClient:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            self._pending[step_id] = (loop, future, frozenset(route), len(starts))
+            self._pending[step_id] = (loop, future, frozenset(route), len(starts), tuple(want))
         message = wire.Step(step_id, tuple(route[1:]) + (self.reply_address,),
                             tuple(tuple(map(tuple, stage)) for stage in tables),
-                            tuple(starts), tuple(num_new), all_logits, inputs)
+                            tuple(starts), tuple(num_new), all_logits, inputs, tuple(want))
         try:
             await asyncio.to_thread(self._out.send, route[0], message)
             return await asyncio.wait_for(future, timeout)
@@ -148,9 +156,9 @@ class PipelineClient:
     def fail_pending(self, message: str, address: str) -> None:
         """Fails the steps in flight through `address`: their caches can no longer be trusted."""
         with self._lock:
-            failed = [key for key, (_, _, route, _) in self._pending.items() if address in route]
+            failed = [key for key, (_, _, route, *_) in self._pending.items() if address in route]
             entries = [self._pending.pop(key) for key in failed]
-        for loop, future, _, _ in entries:
+        for loop, future, *_ in entries:
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(message))
 
     def close(self) -> None:

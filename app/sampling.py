@@ -16,6 +16,9 @@ class SamplingError(ValueError):
     """A sequence cannot be sampled (its logits are not finite): that sequence fails, no other."""
 
 
+NOT_FINITE = "the model's logits for this sequence are not finite (NaN or infinity)"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence picks its tokens (OpenAI's and vLLM's request fields).
@@ -169,7 +172,7 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[in
         SamplingError: the row's logits are not finite (a float16 overflow, a broken stage).
     """
     if not bool(torch.isfinite(logits).all()):
-        raise SamplingError("the model's logits for this sequence are not finite (NaN or infinity)")
+        raise SamplingError(NOT_FINITE)
     processed = logits if params.is_plain_greedy else process_logits(logits, params, prompt_ids, output_ids)
     token = sample_row(processed, params, generator)
     return logprob_choice(logits, token, params.logprobs, params.needs_logprob)
@@ -197,3 +200,17 @@ def sample(logits: torch.Tensor, rows: list[tuple[SamplingParams, list[int], lis
         except Exception as exc:  # noqa: BLE001 - a barrier: the row fails, the batch goes on
             choices.append(exc)
     return choices
+
+
+def choose(rows: list[tuple[torch.Tensor | int, SamplingParams, list[int], list[int], torch.Generator | None]]
+           ) -> list[Choice | Exception]:
+    """Per row, its next token: the one the last stage chose (an int; -1 where its logits were not
+    finite), or one sampled here from its logits; one row's failure is its own.
+
+    Args:
+        rows: per row (the token or its (V,) logits, params, prompt ids, output ids, generator).
+    """
+    here = [i for i, row in enumerate(rows) if not isinstance(row[0], int)]
+    sampled = iter(sample(torch.stack([rows[i][0] for i in here]), [rows[i][1:] for i in here]) if here else [])
+    return [next(sampled) if not isinstance(row[0], int) else Choice(row[0]) if row[0] >= 0
+            else SamplingError(NOT_FINITE) for row in rows]

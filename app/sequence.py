@@ -118,6 +118,12 @@ class Sequence:
         return self.prompt_logprobs and self.num_cached < len(self.prompt_ids)
 
 
+# What a step's row wants back from the last stage (`app.wire` carries it): nothing (a prompt
+# chunk before the prompt's end), its greedy token (4 bytes instead of a row of vocabulary-sized
+# float32 logits), or its logits (sampled at the ingress).
+WANT_NOTHING, WANT_TOKEN, WANT_LOGITS = 0, 1, 2
+
+
 @dataclass
 class Row:
     """One sequence's part of a step: `num_new` of its pending tokens from `start`."""
@@ -125,6 +131,16 @@ class Row:
     seq: Sequence
     start: int
     num_new: int
+
+    @property
+    def want(self) -> int:
+        """What the row wants back: nothing until its sequence's pending tokens are all in, else
+        its greedy token when that is all its sampling needs (chosen on the last stage), else
+        its logits."""
+        params = self.seq.params
+        if self.start + self.num_new < len(self.seq.tokens) or params.max_tokens == 0:
+            return WANT_NOTHING
+        return WANT_TOKEN if params.is_plain_greedy and not params.needs_logprob else WANT_LOGITS
 
 
 class Overloaded(Exception):

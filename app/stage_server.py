@@ -159,9 +159,9 @@ class StageServer:
         load.last_step_at = done
         if len(route) > 1:
             sent = self._send(route[0], wire.Step(step.step, route[1:], tables[1:], step.starts, step.num_new,
-                                                  step.all_logits, out))
+                                                  step.all_logits, out, step.want))
         else:
-            sent = self._send(route[0], wire.Result(step.step, out))
+            sent = self._send(route[0], result(step, out))
         if not sent and len(route) > 1:
             # The next stage is gone: tell the ingress now rather than let it time out.
             self._send(route[-1], wire.Error(step.step, f"stage at {route[0]} unreachable"))
@@ -185,3 +185,15 @@ class StageServer:
         self._server.close()
         self._inbox.put((None, None, None))
         self._out.close()
+
+
+def result(step: wire.Step, logits: torch.Tensor) -> wire.Result:
+    """The last stage's answer to `step`: every row's logits, or, when the step says what each
+    row wants, the argmax token of the rows that want only that (greedy: -1 where the logits are
+    not finite, which fails that sequence alone) and the logits of those that want them."""
+    if not step.want:
+        return wire.Result(step.step, logits)
+    want = torch.tensor(step.want)
+    tokens = torch.where(torch.isfinite(logits).all(dim=-1), logits.argmax(dim=-1), -1)
+    tokens = torch.where(want == wire.WANT_TOKEN, tokens, -1)
+    return wire.Result(step.step, logits[want == wire.WANT_LOGITS].contiguous(), tokens)

@@ -15,7 +15,8 @@ known dtypes, shapes that are non-negative and add up to the payload.
     Step      ingress/stage -> stage   a batch to compute: rows' KV blocks per remaining stage, starts,
                                        new tokens, the route on (next stages..., the reply address);
                                        its rows padded to the longest, or packed in one row
-    Result    last stage -> ingress    a step's logits
+    Result    last stage -> ingress    a step's logits: of the rows that want them, and the argmax token of
+                                       the rows that want only that (greedy sampling, on the last stage)
     Error     stage -> ingress         a step failed (message)
     Released  ingress -> stage         a draining replica holds no sequence any more
     Demand    ingress -> stage         sequences held and waiting, for autoscaling
@@ -33,6 +34,8 @@ import struct
 from dataclasses import dataclass, field
 
 import torch
+
+from app.sequence import WANT_LOGITS, WANT_NOTHING, WANT_TOKEN  # noqa: F401 - what a row wants back
 
 LEN = struct.Struct("!Q")
 NONCE_BYTES = 32
@@ -70,14 +73,19 @@ class Step:
     num_new: tuple[int, ...]
     all_logits: bool
     inputs: torch.Tensor = field(compare=False)
+    # per row, what the last stage returns (WANT_*); empty: every row's logits
+    want: tuple[int, ...] = ()
 
     kind = "step"
+
 
 
 @dataclass(frozen=True)
 class Result:
     step: int
-    logits: torch.Tensor = field(compare=False)
+    logits: torch.Tensor = field(compare=False)  # (B, V), (B, T, V), or (R, V) for the rows wanting logits
+    # with a step's `want`: (B,) int64, each WANT_TOKEN row's token (-1: its logits were not finite)
+    tokens: torch.Tensor | None = field(default=None, compare=False)
 
     kind = "result"
 
@@ -131,14 +139,15 @@ def _tensors_of(message: Message) -> list[torch.Tensor]:
     if isinstance(message, Step):
         return [message.inputs]
     if isinstance(message, Result):
-        return [message.logits]
+        return [message.logits] + ([message.tokens] if message.tokens is not None else [])
     return []
 
 
 def _fields_of(message: Message) -> dict:
     if isinstance(message, Step):
         return {"step": message.step, "route": list(message.route), "tables": [[list(t) for t in s] for s in message.tables],
-                "starts": list(message.starts), "num_new": list(message.num_new), "all_logits": message.all_logits}
+                "starts": list(message.starts), "num_new": list(message.num_new), "all_logits": message.all_logits,
+                "want": list(message.want)}
     if isinstance(message, Result):
         return {"step": message.step}
     if isinstance(message, Error):
@@ -187,7 +196,7 @@ def _tensor_specs(specs, total: int, limits: Limits) -> list[tuple[torch.dtype, 
     out, size_sum = [], 0
     for spec in specs:
         if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in DTYPES and isinstance(spec[1], list)
-                and len(spec[1]) <= 4 and all(type(d) is int and 0 <= d <= total for d in spec[1])):
+                and len(spec[1]) <= 4 and all(type(d) is int and 0 <= d <= max(total, 1 << 20) for d in spec[1])):
             raise WireError(f"tensor {str(spec)[:80]}: a known dtype and at most 4 non-negative dims expected")
         dtype = DTYPES[spec[0]]
         size = math.prod(spec[1]) * torch.empty((), dtype=dtype).element_size()
@@ -210,15 +219,17 @@ def _message(header: dict, tensors: list[torch.Tensor], limits: Limits) -> Messa
         raise WireError(f"unknown kind {str(kind)[:40]!r}")
     if kind in ("step", "result", "error") and type(header.get("step")) is not int:
         raise WireError(f"{kind}: an integer step id expected")
-    expected_tensors = 1 if kind in ("step", "result") else 0
-    if len(tensors) != expected_tensors:
-        raise WireError(f"{kind}: {expected_tensors} tensors expected, got {len(tensors)}")
+    expected_tensors = {"step": (1,), "result": (1, 2)}.get(kind, (0,))
+    if len(tensors) not in expected_tensors:
+        raise WireError(f"{kind}: {' or '.join(map(str, expected_tensors))} tensors expected, got {len(tensors)}")
     if kind == "step":
         return _step(header, tensors[0], limits)
     if kind == "result":
         if tensors[0].dtype != torch.float32 or tensors[0].dim() not in (2, 3):
             raise WireError("result: float32 logits of 2 or 3 dims expected")
-        return Result(header["step"], tensors[0])
+        if len(tensors) == 2 and (tensors[1].dtype != torch.int64 or tensors[1].dim() != 1):
+            raise WireError("result: int64 tokens of 1 dim expected after the logits")
+        return Result(header["step"], tensors[0], tensors[1] if len(tensors) == 2 else None)
     if kind == "error":
         if not isinstance(header.get("message"), str):
             raise WireError("error: a message string expected")
@@ -251,7 +262,10 @@ def _step(header: dict, inputs: torch.Tensor, limits: Limits) -> Step:
                         f"{max(num_new)} tokens, padded, nor the {sum(num_new)} tokens of all rows packed in one")
     if not isinstance(header.get("all_logits", False), bool):
         raise WireError("step: all_logits must be a boolean")
-    return Step(header["step"], tuple(route), tables, starts, num_new, header.get("all_logits", False), inputs)
+    want = _ints(header.get("want", []), "want", WANT_NOTHING, WANT_LOGITS)
+    if want and (len(want) != rows or header.get("all_logits", False)):
+        raise WireError("step: want, when given, names what each row wants back (and no logits at every position)")
+    return Step(header["step"], tuple(route), tables, starts, num_new, header.get("all_logits", False), inputs, want)
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytearray:

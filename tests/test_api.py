@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from placement import ModelSpec
 from tests.checkpoints import ARCHITECTURES
 from tests.local import local_app
+from tests.reference import greedy_text
 
 THREE = [(0, 2), (2, 4), (4, 6)]
 
@@ -84,6 +85,44 @@ def test_concurrent_requests_join_and_leave(checkpoint):
         assert engine.num_running == 0 and engine.num_free_slots == 3
         assert engine.stats["steps"] > max(lengths)  # prefills were chunked (8 tokens per step)
         assert any(packed)  # decode rows and prompt chunks shared steps, packed into one row
+
+
+def test_greedy_rows_get_their_token_from_the_last_stage_and_others_their_logits(checkpoint):
+    """The last stage returns a greedy row's argmax token (8 bytes), not its logits (a row of
+    vocabulary-sized float32); a row that samples at the ingress still gets its logits."""
+    from app import wire
+
+    model_dir = checkpoint("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = ["the city", "a quick brown fox", "stone garden at night"]
+    expected = [greedy_text(model_dir, p, 12, exact_length=False) for p in prompts]
+    with local_app(model_dir, [(0, 3), (3, 6)], max_batch_size=4) as (client, engine, servers):
+        results, send = [], servers[-1]._send
+
+        def record(address, message):
+            if isinstance(message, wire.Result):
+                results.append(message)
+            return send(address, message)
+
+        servers[-1]._send = record
+        texts, counts = [None] * 4, [0] * 4
+
+        def run(i):
+            body = {"prompt": prompts[i], "temperature": 0} if i < 3 else {"prompt": "the", "temperature": 0.8,
+                                                                          "seed": 7, "min_tokens": 12}
+            answer = complete(client, max_tokens=12, **body)
+            texts[i], counts[i] = answer["choices"][0]["text"], answer["usage"]["completion_tokens"]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert texts[:3] == expected
+        assert all(r.tokens is not None for r in results)
+        assert sum(r.logits.shape[0] for r in results) == 12  # the sampled request's 12 tokens only
+        assert sum((r.tokens >= 0).sum().item() for r in results) == sum(counts[:3])  # each greedy token, once
+        assert any(r.logits.shape[0] == 0 for r in results)  # steps of greedy rows alone: tokens only
 
 
 def test_stream_matches_plain_and_reports_usage(checkpoint):

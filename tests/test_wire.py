@@ -156,6 +156,10 @@ def test_forged_results_change_no_one_s_tokens(checkpoint):
                                                          starts=(0, 0), num_new=(1, 1)), TOKEN * 3)),
     ("packed rows write one position", frame(step_header(["x:1"], tables=(((3,), (3,)),), tensor=("int64", [1, 2]),
                                                          starts=(0, 0), num_new=(1, 1)), TOKEN * 2)),
+    ("a row wants what no row can", frame(dict(step_header(["x:1"]), want=[3]), TOKEN)),
+    ("want for fewer rows than there are", frame(dict(step_header(["x:1"], tables=(((3,), (4,)),),
+                                                                  tensor=("int64", [2, 1]), starts=(0, 0),
+                                                                  num_new=(1, 1)), want=[1]), TOKEN * 2)),
     ("route through a stranger", frame(step_header(["10.9.9.9:1"]), TOKEN)),
 ])
 def test_even_an_authenticated_peer_cannot_send_a_malformed_message(checkpoint, name, data):
