@@ -28,7 +28,7 @@ import torch
 from app.metrics import IngressMetrics
 from app.pipeline import StepFailed, step_inputs
 from app.replicas import ReplicaPool
-from app.sampling import Choice, choose, prompt_logprobs
+from app.sampling import Choice, choose, extend_prompt_logprobs
 from app.sequence import WANT_LOGITS, WANT_TOKEN
 from app.scheduler import Scheduler
 from app.sequence import EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
@@ -300,7 +300,8 @@ class Engine:
                 self._release(seq)
                 continue
             if all_logits and seq.needs_all_logits:
-                self._record_prompt_logprobs(seq, row, logits[i])
+                extend_prompt_logprobs(seq.prompt_logprob_values, logits[i, :row.num_new], seq.prompt_ids, row.start,
+                                       seq.params.logprobs or 0)
             seq.num_cached = row.start + row.num_new
             self.pool.cache_computed(seq)
             if seq.num_pending == 0 and seq.params.max_tokens == 0:  # echo: the prompt scored, nothing more
@@ -321,24 +322,9 @@ class Engine:
             self._append(seq, choice)
         self.metrics.generated_tokens(sum(not isinstance(c, Exception) for _, c in choices))
 
-    def _record_prompt_logprobs(self, seq: Sequence, row: Row, logits: torch.Tensor) -> None:
-        if not seq.prompt_logprob_values:
-            seq.prompt_logprob_values.append((None, None))  # the first token has no context
-        known = len(seq.prompt_logprob_values)
-        seq.prompt_logprob_values += prompt_logprobs(logits[: row.num_new], seq.prompt_ids, row.start,
-                                                     seq.params.logprobs or 0)[max(known - row.start - 1, 0):]
-
     def _append(self, seq: Sequence, choice: Choice) -> None:
-        params = seq.params
-        seq.output_ids.append(choice.token)
-        if choice.logprob is not None:
-            seq.cumulative_logprob += choice.logprob
+        reason = seq.append(choice.token, choice.logprob, self.config.max_model_len)
         self.stats["tokens"] += 1
-        reason = None
-        if choice.token in params.stop_token_ids and len(seq.output_ids) >= params.min_tokens:
-            reason = "stop"
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_cached + 1 >= self.config.max_model_len:
-            reason = "length"
         seq.events.put_nowait(("token", seq, choice))
         if reason is not None:
             self._finish(seq, reason)

@@ -164,6 +164,16 @@ def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], start: int, num
     return out
 
 
+def extend_prompt_logprobs(values: list, logits: torch.Tensor, prompt_ids: list[int], start: int,
+                           num_top: int) -> None:
+    """Adds to `values` (a sequence's prompt log-probabilities so far, the first token's None
+    included) those that `logits` of positions `start, start + 1, ...` give and it lacks (a
+    replay computes them again)."""
+    if not values:
+        values.append((None, None))  # the first token has no context
+    values += prompt_logprobs(logits, prompt_ids, start, num_top)[max(len(values) - start - 1, 0):]
+
+
 def sample_one(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
                generator: torch.Generator | None) -> Choice:
     """Samples the next token of one row.

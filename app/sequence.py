@@ -117,6 +117,18 @@ class Sequence:
     def needs_all_logits(self) -> bool:
         return self.prompt_logprobs and self.num_cached < len(self.prompt_ids)
 
+    def append(self, token: int, logprob: float | None, max_model_len: int) -> str | None:
+        """Adds a sampled token; returns why the sequence ends with it ("stop", "length") or None."""
+        self.output_ids.append(token)
+        if logprob is not None:
+            self.cumulative_logprob += logprob
+        params = self.params
+        if token in params.stop_token_ids and len(self.output_ids) >= params.min_tokens:
+            return "stop"
+        if len(self.output_ids) >= params.max_tokens or self.num_cached + 1 >= max_model_len:
+            return "length"
+        return None
+
 
 # What a step's row wants back from the last stage (`app.wire` carries it): nothing (a prompt
 # chunk before the prompt's end), its greedy token (4 bytes instead of a row of vocabulary-sized
