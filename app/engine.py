@@ -29,9 +29,8 @@ from app.metrics import IngressMetrics
 from app.pipeline import StepFailed, step_inputs
 from app.replicas import ReplicaPool
 from app.sampling import Choice, choose, extend_prompt_logprobs
-from app.sequence import WANT_LOGITS, WANT_TOKEN
 from app.scheduler import Scheduler
-from app.sequence import EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
+from app.sequence import WANT_LOGITS, WANT_TOKEN, EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
 
 __all__ = ["Engine", "EngineConfig", "Overloaded", "Replica", "Row", "Sequence", "TooLong"]
 

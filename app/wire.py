@@ -79,7 +79,6 @@ class Step:
     kind = "step"
 
 
-
 @dataclass(frozen=True)
 class Result:
     step: int

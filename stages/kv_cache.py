@@ -5,7 +5,8 @@ allocated once. A step gives each row a block table (physical blocks in logical 
 keys and values are written where the table says, and attention reads each row's context as
 views of the pool: one view per run of physically consecutive blocks (a sequence's blocks are
 usually one run; a shared prefix and the private rest make two). Runs are combined with their
-log-sum-exp, the way flash attention combines tiles, so no step copies a context.
+log-sum-exp, the way flash attention combines tiles, so no step copies a context; only a row of
+more than `MAX_RUNS` runs is copied into one piece.
 
 The attention function is registered with transformers' `AttentionInterface` as "stagewise", so
 transformers' own attention modules (projections, rotary, norms) run unchanged and call it.
@@ -13,6 +14,7 @@ transformers' own attention modules (projections, rotary, norms) run unchanged a
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -92,7 +94,7 @@ class PagedRows:
         if packed:
             if width != sum(num_new):
                 raise ValueError(f"a packed step of {width} tokens for rows of {sum(num_new)}")
-            offsets = [sum(num_new[:i]) for i in range(len(num_new))]
+            offsets = [0, *itertools.accumulate(num_new)][:-1]
             return cls(list(starts), list(num_new), torch.tensor(write, dtype=torch.long), None, runs, None, offsets)
         valid = torch.arange(width)[None, :] < torch.tensor(num_new)[:, None]
         lengths = [start + new for start, new in zip(starts, num_new)]
@@ -222,23 +224,22 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         first = 0 if window is None else max(0, start - window + 1)  # the first query's first key
         parts = [(fs + max(first - logical, 0), fe, max(logical, first)) for fs, fe, logical in runs
                  if logical + (fe - fs) > first]
-        if len(parts) == 1 and softcap is None:
-            fs, fe, logical = parts[0]
-            mask = None  # one new token sees every key of its (window-trimmed) run
-            if new > 1:
-                mask = _visible(positions, torch.arange(logical, logical + fe - fs, device=query.device), window)
-            attended = F.scaled_dot_product_attention(q, key[:, :, fs:fe], value[:, :, fs:fe], attn_mask=mask, scale=scale,
-                                               enable_gqa=groups > 1)
-            out[r, o:o + new] = attended[0].transpose(0, 1)
-            continue
-        if len(parts) > MAX_RUNS and softcap is None:
-            # Many short runs (sequences that grew together take interleaved blocks): a few small
-            # calls per run would cost far more than copying the row's context once.
-            index = torch.cat([torch.arange(fs, fe, device=query.device) for fs, fe, _ in parts])
-            logical = torch.cat([torch.arange(lg, lg + fe - fs, device=query.device) for fs, fe, lg in parts])
+        if softcap is None and (len(parts) == 1 or len(parts) > MAX_RUNS):
+            # One run is read as a view of the pool. Many short runs (sequences that grew together
+            # take interleaved blocks) are copied into one piece: a few small calls per run would
+            # cost far more than copying the row's context once.
+            if len(parts) == 1:
+                fs, fe, logical = parts[0]
+                keys, values = key[:, :, fs:fe], value[:, :, fs:fe]
+                logical = torch.arange(logical, logical + fe - fs, device=query.device)
+            else:
+                index = torch.cat([torch.arange(fs, fe, device=query.device) for fs, fe, _ in parts])
+                keys, values = key[:, :, index], value[:, :, index]
+                logical = torch.cat([torch.arange(lg, lg + fe - fs, device=query.device) for fs, fe, lg in parts])
+            # one new token sees every key of its (window-trimmed) runs
             mask = _visible(positions, logical, window) if new > 1 else None
-            attended = F.scaled_dot_product_attention(q, key[:, :, index], value[:, :, index], attn_mask=mask, scale=scale,
-                                               enable_gqa=groups > 1)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                                      enable_gqa=groups > 1)
             out[r, o:o + new] = attended[0].transpose(0, 1)
             continue
         # Several runs: each run's softmax numerator and log-sum-exp, combined; queries a tile at a
