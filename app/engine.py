@@ -23,14 +23,13 @@ import asyncio
 import logging
 import time
 
-import torch
-
+from app import wire
 from app.metrics import IngressMetrics
 from app.pipeline import StepFailed, step_inputs
 from app.replicas import ReplicaPool
-from app.sampling import Choice, choose, extend_prompt_logprobs
+from app.sampling import Choice, choices, extend_prompt_logprobs, sampling_spec
 from app.scheduler import Scheduler
-from app.sequence import WANT_LOGITS, WANT_TOKEN, EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
+from app.sequence import WANT_SAMPLE, EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
 
 __all__ = ["Engine", "EngineConfig", "Overloaded", "Replica", "Row", "Sequence", "TooLong"]
 
@@ -258,12 +257,14 @@ class Engine:
         packed = len({row.num_new for row in rows}) > 1 and not all_logits
         inputs = step_inputs([row.seq.tokens[row.start:row.start + row.num_new] for row in rows], packed)
         tables = [[row.seq.tables[stage].blocks for row in rows] for stage in range(len(route))]
-        want = () if all_logits else tuple(row.want for row in rows)
+        want = tuple(row.want for row in rows)
+        specs = tuple(sampling_spec(row.seq, row.start, row.num_new, route) if w == WANT_SAMPLE else None
+                      for row, w in zip(rows, want))
         try:
             addresses = [self.replicas[replica_id].address for replica_id in route]
             result = await self.pipeline.step(addresses, inputs, tables, [r.start for r in rows],
                                               [r.num_new for r in rows], all_logits=all_logits, want=want,
-                                              timeout=self.config.step_timeout_s)
+                                              sampling=specs, timeout=self.config.step_timeout_s)
         except (StepFailed, KeyError) as exc:
             self._drop_rows(rows)
             return (exc if isinstance(exc, StepFailed) else StepFailed(f"replica {exc} went away")), rows
@@ -273,7 +274,7 @@ class Engine:
         for row in rows:
             row.seq.step_failures = 0
         if epoch == self._epoch:
-            self._finish_step(rows, result, want, all_logits)
+            self._finish_step(rows, result, specs, route)
         else:
             self._drop_rows(rows)
         return None, rows
@@ -285,33 +286,29 @@ class Engine:
             if row.seq.finished:
                 self._release(row.seq)
 
-    def _finish_step(self, rows: list[Row], result: tuple[torch.Tensor, torch.Tensor | None], want: tuple[int, ...],
-                     all_logits: bool) -> None:
-        logits, tokens = result
-        # the logits come for every row, or (with `want`) for the rows that want them, in order
-        logit_row = list(range(len(rows))) if not want else \
-            {i: k for k, i in enumerate(i for i, w in enumerate(want) if w == WANT_LOGITS)}
-        chosen: list[tuple[Sequence, torch.Tensor | int]] = []  # the token or logits each sequence samples from
+    def _finish_step(self, rows: list[Row], result: wire.Result, specs: tuple, route: tuple[str, ...]) -> None:
+        sampled: list[tuple[int, Sequence]] = []  # the rows whose sequences get their next token
         for i, row in enumerate(rows):
             seq = row.seq
             seq.in_flight = False
+            if specs[i] is not None and specs[i].ids is not None:
+                seq.sampler_has = (route, row.start + row.num_new)
             if seq.finished:
                 self._release(seq)
                 continue
-            if all_logits and seq.needs_all_logits:
-                extend_prompt_logprobs(seq.prompt_logprob_values, logits[i, :row.num_new], seq.prompt_ids, row.start,
-                                       seq.params.logprobs or 0)
+            if result.logits is not None and seq.needs_all_logits:
+                extend_prompt_logprobs(seq.prompt_logprob_values, result.logits[i, :row.num_new], seq.prompt_ids,
+                                       row.start, seq.params.logprobs or 0)
             seq.num_cached = row.start + row.num_new
             self.pool.cache_computed(seq)
             if seq.num_pending == 0 and seq.params.max_tokens == 0:  # echo: the prompt scored, nothing more
                 self._finish(seq, "length")
             elif seq.num_pending == 0:
-                chosen.append((seq, int(tokens[i]) if want and want[i] == WANT_TOKEN else
-                               logits[i, row.num_new - 1] if all_logits else logits[logit_row[i]]))
-        choices = list(zip([seq for seq, _ in chosen], choose([(source, seq.params, seq.prompt_ids, seq.output_ids,
-                                                                 seq.generator) for seq, source in chosen])))
+                sampled.append((i, seq))
+        chosen = list(zip([seq for _, seq in sampled],
+                          choices(result.sampled, specs, [(i, seq.params) for i, seq in sampled])))
         now = time.monotonic()
-        for seq, choice in choices:
+        for seq, choice in chosen:
             if isinstance(choice, Exception):
                 self._fail(seq, f"sampling failed: {choice}", "sampling")
                 continue
@@ -319,7 +316,7 @@ class Engine:
                 seq.first_token_at = now
                 self.metrics.first_token(now - seq.arrival)
             self._append(seq, choice)
-        self.metrics.generated_tokens(sum(not isinstance(c, Exception) for _, c in choices))
+        self.metrics.generated_tokens(sum(not isinstance(c, Exception) for _, c in chosen))
 
     def _append(self, seq: Sequence, choice: Choice) -> None:
         reason = seq.append(choice.token, choice.logprob, self.config.max_model_len)

@@ -9,10 +9,9 @@ finish reason, and the usage. The format of the answer is the endpoint's own bus
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass, field
-
-import torch
 
 from app.detokenizer import IncrementalDetokenizer, StopChecker
 from app.engine import Engine, Sequence
@@ -108,13 +107,10 @@ class Generation:
         self.states: list[ChoiceState] = []
         for ids, prompt_params in zip(prompts, params):
             for i in range(num_candidates):
-                generator = None
-                if not prompt_params.greedy:
-                    generator = torch.Generator()
-                    generator.manual_seed(seed + i if seed is not None
-                                          else int.from_bytes(random_id("s").encode()[-8:], "little"))
+                # the last stage draws candidate i's tokens from seed + i (a random seed without one)
                 seq = Sequence(ids, prompt_params, self.events, index=len(self.states), request_id=self.id,
-                               prompt_logprobs=echo and prompt_params.logprobs is not None, generator=generator)
+                               prompt_logprobs=echo and prompt_params.logprobs is not None,
+                               seed=seed + i if seed is not None else secrets.randbits(63), key=secrets.randbits(62))
                 detok = IncrementalDetokenizer(model.tokenizer, ids, prompt_params.skip_special_tokens)
                 stops = StopChecker(prompt_params.stop, prompt_params.include_stop_str_in_output)
                 self.states.append(ChoiceState(seq, detok, stops))

@@ -1,4 +1,4 @@
-"""The ingress end of the data plane: send a step into the stage chain, await its logits."""
+"""The ingress end of the data plane: send a step into the stage chain, await its tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from app import wire
 from app.transport import Connections, connect_authenticated, listen, serve_connections
+from stages.sampler import SamplingSpec
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class PipelineClient:
         self.secret = secret
         self._server, self.reply_address = listen(host)
         self._out = Connections(secret)
-        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, frozenset, int, tuple]] = {}
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, frozenset, int, bool, int | None]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._watched: dict[str, list] = {}
@@ -61,23 +62,23 @@ class PipelineClient:
             entry = self._pending.pop(message.step, None)
         if entry is None:
             return  # a step we gave up on
-        loop, future, _, rows, want = entry
+        loop, future, _, rows, logits, top = entry
         if isinstance(message, wire.Error):
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(message.message))
             return
-        # as many rows of logits (and tokens) as the step asked for
-        logit_rows = want.count(wire.WANT_LOGITS) if want else rows
-        tokens = message.tokens
-        if message.logits.shape[0] != logit_rows or (tokens is None) != (not want) or (
-                tokens is not None and tokens.shape[0] != rows):
+        # what the step asked for: logits of every row or none, tokens of every row or none
+        sampled = message.sampled
+        if ((message.logits is None) == logits or (message.logits is not None and message.logits.shape[0] != rows)
+                or (sampled is None) != (top is None)
+                or (sampled is not None and (sampled.tokens.shape[0] != rows or sampled.top_ids.shape[0] != top))):
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(
-                f"step {message.step}: {message.logits.shape[0]} rows of logits for {logit_rows} rows"))
+                f"step {message.step}: the result does not answer the step's {rows} rows"))
         else:
-            loop.call_soon_threadsafe(_resolve, future, (message.logits, tokens), None)
+            loop.call_soon_threadsafe(_resolve, future, message, None)
 
     async def step(self, route: list[str], inputs: torch.Tensor, tables: list[list[list[int]]], starts: list[int],
                    num_new: list[int], *, all_logits: bool = False, want: tuple[int, ...] = (),
-                   timeout: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   sampling: tuple[SamplingSpec | None, ...] = (), timeout: float | None = None) -> wire.Result:
         """Runs one batched step through one replica of every stage.
 
         Args:
@@ -88,11 +89,12 @@ class PipelineClient:
             num_new: real new tokens of each row.
             all_logits: return logits at every position (B, T, V) instead of the last (B, V).
             want: per row, what the last stage returns (`wire.WANT_*`); empty: every row's logits.
+            sampling: with `want`, per row, how a WANT_SAMPLE row samples (None for the others).
             timeout: seconds to wait for the result before the step counts as failed.
 
         Returns:
-            (float32 logits, None), or with `want`: (the logits of the rows that want them,
-            (B,) int64 tokens of those that want a greedy token, -1 where not finite).
+            The last stage's `wire.Result`: without `want`, (B, V) float32 logits; with it, each
+            row's token (`Result.sampled`), and the logits (B, T, V) when `all_logits`.
 
         Raises:
             StepFailed: a stage reported an error, could not be reached, or timed out.
@@ -101,10 +103,11 @@ class PipelineClient:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            self._pending[step_id] = (loop, future, frozenset(route), len(starts), tuple(want))
+            top = sum(max(spec.logprobs, 0) for spec in sampling if spec is not None) if want else None
+            self._pending[step_id] = (loop, future, frozenset(route), len(starts), all_logits or not want, top)
         message = wire.Step(step_id, tuple(route[1:]) + (self.reply_address,),
                             tuple(tuple(map(tuple, stage)) for stage in tables),
-                            tuple(starts), tuple(num_new), all_logits, inputs, tuple(want))
+                            tuple(starts), tuple(num_new), all_logits, inputs, tuple(want), tuple(sampling))
         try:
             await asyncio.to_thread(self._out.send, route[0], message)
             return await asyncio.wait_for(future, timeout)

@@ -1,15 +1,21 @@
-"""Choosing the next token of each row from the last stage's logits."""
+"""The ingress's side of sampling: the request's parameters, what the last stage is told to do
+with them (`spec`), what it returned (`choices`), and the prompt's log-probabilities for echo.
+
+The sampling itself happens on the last stage (`stages.sampler`).
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 
-# Below this temperature sampling is greedy, as in vLLM: dividing logits by 1e-40 overflows to
-# inf, and softmax of that is NaN.
-GREEDY_BELOW = 1e-5
+from stages.sampler import FAILED, GREEDY_BELOW, Sampled, SamplingSpec
+
+if TYPE_CHECKING:
+    from app.sequence import Sequence
 
 
 class SamplingError(ValueError):
@@ -17,6 +23,7 @@ class SamplingError(ValueError):
 
 
 NOT_FINITE = "the model's logits for this sequence are not finite (NaN or infinity)"
+NOT_SAMPLED = "the last stage could not sample this sequence (its token history was lost)"
 
 
 @dataclass(frozen=True)
@@ -87,60 +94,6 @@ class Choice:
     top: list[tuple[int, float]] | None = None
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
-                   output_ids: list[int]) -> torch.Tensor:
-    """Applies bias, penalties and min_tokens to one row of logits (returns a new tensor)."""
-    logits = logits.clone()
-    if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias))
-        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
-        values = logits[seen]
-        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if output_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = Counter(output_ids)
-        ids = torch.tensor(list(counts))
-        freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
-        logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
-    if len(output_ids) < params.min_tokens and params.stop_token_ids:
-        logits[list(params.stop_token_ids)] = float("-inf")
-    return logits
-
-
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Picks a token from processed logits: argmax when greedy, else top-k/top-p sampling."""
-    if params.greedy:
-        return int(logits.argmax())
-    # Extreme but valid settings (repetition_penalty 1e-300) can push a logit to +inf, and
-    # softmax of that is NaN: the largest float keeps its meaning (this token, surely).
-    logits = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = (sorted_probs.cumsum(0) - sorted_probs) >= params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def logprob_choice(logits: torch.Tensor, token: int, num_top: int | None, needed: bool = True) -> Choice:
-    """The token's log-probability under the model's raw logits, with the `num_top` best (no
-    alternatives when `num_top` is None; no log-probability either unless `needed`)."""
-    if num_top is None and not needed:
-        return Choice(token)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    top = None if num_top is None else []
-    if num_top:
-        values, ids = torch.topk(logprobs, num_top)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return Choice(token, float(logprobs[token]), top)
-
-
 def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], start: int, num_top: int
                     ) -> list[tuple[float, list[tuple[int, float]] | None]]:
     """(log-probability, the `num_top` best alternatives or None) of each prompt token that the
@@ -174,53 +127,38 @@ def extend_prompt_logprobs(values: list, logits: torch.Tensor, prompt_ids: list[
     values += prompt_logprobs(logits, prompt_ids, start, num_top)[max(len(values) - start - 1, 0):]
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
-               generator: torch.Generator | None) -> Choice:
-    """Samples the next token of one row.
-
-    Raises:
-        SamplingError: the row's logits are not finite (a float16 overflow, a broken stage).
-    """
-    if not bool(torch.isfinite(logits).all()):
-        raise SamplingError(NOT_FINITE)
-    processed = logits if params.is_plain_greedy else process_logits(logits, params, prompt_ids, output_ids)
-    token = sample_row(processed, params, generator)
-    return logprob_choice(logits, token, params.logprobs, params.needs_logprob)
-
-
-def sample(logits: torch.Tensor, rows: list[tuple[SamplingParams, list[int], list[int], torch.Generator | None]]
-           ) -> list[Choice | Exception]:
-    """Samples one token per row; one row's failure is its own.
-
-    Args:
-        logits: (B, V) float32 logits of the rows' last tokens.
-        rows: per row (params, prompt ids, output ids so far, generator or None).
-
-    Returns:
-        Per row, a `Choice`, or the exception that row's sampling raised.
-    """
-    if all(params.is_plain_greedy and not params.needs_logprob for params, *_ in rows):
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        if all(finite):
-            return [Choice(int(t)) for t in logits.argmax(dim=-1).tolist()]
-    choices: list[Choice | Exception] = []
-    for row_logits, row in zip(logits, rows):
-        try:
-            choices.append(sample_one(row_logits, *row))
-        except Exception as exc:  # noqa: BLE001 - a barrier: the row fails, the batch goes on
-            choices.append(exc)
-    return choices
+def sampling_spec(seq: Sequence, start: int, num_new: int, route: tuple[str, ...]) -> SamplingSpec:
+    """How the last stage samples the step's row of `seq` (`num_new` tokens from `start`), with the
+    tokens its penalties need: the row's own, and the ones before where the last stage may not
+    have them (`seq.sampler_has` says what it was given last)."""
+    params = seq.params
+    spec = SamplingSpec(key=seq.key, seed=seq.seed, prompt_len=len(seq.prompt_ids), temperature=params.temperature,
+                        top_p=params.top_p, top_k=params.top_k or 0, min_tokens=params.min_tokens,
+                        stop_token_ids=params.stop_token_ids, presence_penalty=params.presence_penalty,
+                        frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+                        logit_bias=tuple(params.logit_bias.items()),
+                        logprobs=-1 if not params.needs_logprob else params.logprobs or 0)
+    if not spec.penalized:
+        return spec
+    tokens = seq.tokens
+    history = tuple(tokens[:start]) if start and seq.sampler_has != (route, start) else None
+    return replace(spec, ids=tuple(tokens[start:start + num_new]), history=history)
 
 
-def choose(rows: list[tuple[torch.Tensor | int, SamplingParams, list[int], list[int], torch.Generator | None]]
-           ) -> list[Choice | Exception]:
-    """Per row, its next token: the one the last stage chose (an int; -1 where its logits were not
-    finite), or one sampled here from its logits; one row's failure is its own.
-
-    Args:
-        rows: per row (the token or its (V,) logits, params, prompt ids, output ids, generator).
-    """
-    here = [i for i, row in enumerate(rows) if not isinstance(row[0], int)]
-    sampled = iter(sample(torch.stack([rows[i][0] for i in here]), [rows[i][1:] for i in here]) if here else [])
-    return [next(sampled) if not isinstance(row[0], int) else Choice(row[0]) if row[0] >= 0
-            else SamplingError(NOT_FINITE) for row in rows]
+def choices(sampled: Sampled, specs: list[SamplingSpec | None], rows: list[tuple[int, SamplingParams]]
+            ) -> list[Choice | Exception]:
+    """The `Choice` of each of `rows` ((index into the step, its params)) from what the last stage
+    sampled for a step whose rows sample as `specs` say; one row's failure is its own."""
+    offsets = list(accumulate((max(spec.logprobs, 0) if spec else 0 for spec in specs), initial=0))
+    out: list[Choice | Exception] = []
+    for i, params in rows:
+        token, num_top = int(sampled.tokens[i]), specs[i].logprobs if specs[i] else -1
+        if token < 0:
+            out.append(SamplingError(NOT_SAMPLED if token == FAILED else NOT_FINITE))
+        elif num_top < 0:
+            out.append(Choice(token))
+        else:
+            at = offsets[i]
+            top = list(zip(sampled.top_ids[at:at + num_top].tolist(), sampled.top_logprobs[at:at + num_top].tolist()))
+            out.append(Choice(token, float(sampled.logprobs[i]), None if params.logprobs is None else top))
+    return out

@@ -1,7 +1,7 @@
 """What the engine schedules: its limits, the stage replicas, the sequences and the rows of a step.
 
-Plain data: neither torch nor asyncio is imported (a sequence holds its client's queue and, when
-it samples, its generator, but nothing here uses them), so the scheduler is plain Python too.
+Plain data: neither torch nor asyncio is imported (a sequence holds its client's queue, but
+nothing here uses it), so the scheduler is plain Python too.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import asyncio
-
-    import torch
 
     from app.blocks import BlockTable
     from app.sampling import SamplingParams
@@ -87,7 +85,8 @@ class Sequence:
     index: int = 0
     request_id: str = ""
     prompt_logprobs: bool = False
-    generator: torch.Generator | None = None
+    seed: int = 0  # of its draws (see `stages.sampler.draw_seed`)
+    key: int = 0  # its id on the last stage, whose sampler may keep its tokens (penalties need them)
     output_ids: list[int] = field(default_factory=list)
     prompt_logprob_values: list[tuple] = field(default_factory=list)  # (logprob, alternatives) per token
     cumulative_logprob: float = 0.0
@@ -95,6 +94,9 @@ class Sequence:
     slots: list[int] | None = None  # the sequence's batch slot on each replica of its route
     tables: list[BlockTable] | None = None  # its KV cache blocks on each replica of its route
     num_cached: int = 0
+    # (route, tokens) the last stage's sampler was last given for this sequence: it needs the
+    # whole history again when that is not where this step starts
+    sampler_has: tuple[tuple[str, ...], int] | None = None
     in_flight: bool = False
     step_failures: int = 0  # steps in a row that failed with this sequence on them
     finish_reason: str | None = None
@@ -131,9 +133,9 @@ class Sequence:
 
 
 # What a step's row wants back from the last stage (`app.wire` carries it): nothing (a prompt
-# chunk before the prompt's end), its greedy token (4 bytes instead of a row of vocabulary-sized
-# float32 logits), or its logits (sampled at the ingress).
-WANT_NOTHING, WANT_TOKEN, WANT_LOGITS = 0, 1, 2
+# chunk before the prompt's end), its greedy token (its argmax: 8 bytes instead of a row of
+# vocabulary-sized float32 logits), or a token sampled by the row's `stages.sampler.SamplingSpec`.
+WANT_NOTHING, WANT_TOKEN, WANT_SAMPLE = 0, 1, 2
 
 
 @dataclass
@@ -147,12 +149,11 @@ class Row:
     @property
     def want(self) -> int:
         """What the row wants back: nothing until its sequence's pending tokens are all in, else
-        its greedy token when that is all its sampling needs (chosen on the last stage), else
-        its logits."""
+        its greedy token when that is all its sampling needs, else a token sampled by its spec."""
         params = self.seq.params
         if self.start + self.num_new < len(self.seq.tokens) or params.max_tokens == 0:
             return WANT_NOTHING
-        return WANT_TOKEN if params.is_plain_greedy and not params.needs_logprob else WANT_LOGITS
+        return WANT_TOKEN if params.is_plain_greedy and not params.needs_logprob else WANT_SAMPLE
 
 
 class Overloaded(Exception):

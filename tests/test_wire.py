@@ -160,6 +160,12 @@ def test_forged_results_change_no_one_s_tokens(checkpoint):
     ("want for fewer rows than there are", frame(dict(step_header(["x:1"], tables=(((3,), (4,)),),
                                                                   tensor=("int64", [2, 1]), starts=(0, 0),
                                                                   num_new=(1, 1)), want=[1]), TOKEN * 2)),
+    ("a sampled row without its spec", frame(dict(step_header(["x:1"]), want=[2], sampling=[None]), TOKEN)),
+    ("a spec for a greedy row", frame(dict(step_header(["x:1"]), want=[1], sampling=[{"key": 1}]), TOKEN)),
+    ("a spec out of range", frame(dict(step_header(["x:1"]), want=[2], sampling=[{"key": 1, "top_p": 2}]), TOKEN)),
+    ("penalties without the row's tokens", frame(dict(step_header(["x:1"]), want=[2],
+                                                      sampling=[{"key": 1, "frequency_penalty": 1.0}]), TOKEN)),
+    ("an unknown spec field", frame(dict(step_header(["x:1"]), want=[2], sampling=[{"key": 1, "x": 0}]), TOKEN)),
     ("route through a stranger", frame(step_header(["10.9.9.9:1"]), TOKEN)),
 ])
 def test_even_an_authenticated_peer_cannot_send_a_malformed_message(checkpoint, name, data):
