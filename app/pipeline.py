@@ -6,11 +6,12 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 
 import torch
 
 from app import wire
-from app.transport import Connections, connect_authenticated, listen, serve_connections
+from app.transport import Connections, HandshakeFailed, connect_authenticated, listen, serve_connections
 from stages.sampler import SamplingSpec
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ def step_inputs(token_rows: list[list[int]], packed: bool) -> torch.Tensor:
     for i, row in enumerate(token_rows):
         inputs[i, :len(row)] = torch.tensor(row)
     return inputs
+
+
+# Handshakes a watch tries before it counts a stage that listens but does not answer as gone.
+WATCH_ATTEMPTS = 5
 
 
 class StepFailed(RuntimeError):
@@ -144,12 +149,25 @@ class PipelineClient:
             pass
 
     def _watch(self, address: str) -> None:
-        try:
-            sock = connect_authenticated(address, self.secret, timeout=10)
-            while sock.recv(1):
+        # Gone: nothing listens at the address, or the watch connection, once made, closed. A
+        # handshake that fails or times out is tried again: the stage may be too busy to answer,
+        # or not know the secret yet (it has just started); a hung one is the step timeout's.
+        for attempt in range(WATCH_ATTEMPTS):
+            try:
+                sock = connect_authenticated(address, self.secret, timeout=10)
+            except (HandshakeFailed, TimeoutError) as exc:
+                logger.warning("watch of %s: %s (attempt %d of %d)", address, exc, attempt + 1, WATCH_ATTEMPTS)
+                time.sleep(1.0)
+                continue
+            except OSError:
+                break
+            try:
+                while sock.recv(1):
+                    pass
+            except OSError:
                 pass
-        except OSError:
-            pass
+            break
+        logger.warning("the stage at %s went away", address)
         with self._lock:
             callbacks = self._watched.pop(address, [])
         self.fail_pending(f"stage at {address} went away", address)

@@ -31,22 +31,28 @@ def connect(address: str, timeout: float | None = None) -> socket.socket:
     return sock
 
 
+class HandshakeFailed(ConnectionRefusedError):
+    """The peer is there but the handshake did not complete: a wrong secret, or one it does not
+    know yet (a stage that has just started), or a peer too busy to answer in time."""
+
+
 def connect_authenticated(address: str, secret, timeout: float | None = None) -> socket.socket:
     """A connection to "host:port" on which both sides have proved they know `secret`.
 
     Raises:
-        OSError: the peer cannot be reached, or does not know the secret (`wire.WireError`
-            counts as a connection failure here: the step goes elsewhere or fails).
+        OSError: the peer cannot be reached (`ConnectionRefusedError`: nothing listens there), or
+            the handshake failed (`HandshakeFailed`; `wire.WireError` counts as a connection
+            failure here: the step goes elsewhere or fails).
     """
     key = _secret_of(secret)
     if key is None:
-        raise ConnectionRefusedError("no application secret yet: cannot prove who we are")
+        raise HandshakeFailed("no application secret yet: cannot prove who we are")
     sock = connect(address, timeout)
     try:
         wire.prove_client(sock, key)
     except (wire.WireError, OSError) as exc:
         sock.close()
-        raise ConnectionRefusedError(f"{address}: handshake failed: {exc}") from None
+        raise HandshakeFailed(f"{address}: handshake failed: {exc}") from None
     return sock
 
 

@@ -210,3 +210,24 @@ def test_handshake_needs_the_secret_both_ways():
     thread.start()
     wire.prove_client(a, b"same")
     thread.join()
+
+
+def test_a_stage_that_does_not_know_the_secret_yet_is_not_taken_for_gone():
+    """A stage learns the secret when it announces itself; under load the ingress may see it ready
+    and connect first. Its watch tries the handshake again (a dead stage's closed connection, or
+    nothing listening, is a death at once: `test_failover`)."""
+    from app.pipeline import PipelineClient
+    from app.transport import listen, serve_connections
+
+    secret, known = b"s" * 32, threading.Event()
+    server, address = listen()
+    serve_connections(server, lambda message: None, lambda: secret if known.is_set() else None)
+    client, gone = PipelineClient(secret), threading.Event()
+    try:
+        client.watch(address, gone.set)
+        time.sleep(2.5)  # two handshakes refused
+        known.set()
+        assert not gone.wait(3)
+    finally:
+        client.close()
+        server.close()
