@@ -1,8 +1,9 @@
 """Counting a model's elements from its config alone, on the meta device.
 
 `count_tallies` is the one function of `placement` that imports torch and transformers: it builds
-the `AutoModelForCausalLM` for a config on the meta device (no memory, no weights read) and sorts
-every parameter and persistent buffer into a block, the embeddings or the head. Persistent
+the `AutoModelForCausalLM` for a config (an encoder's `AutoModel`, see `stages.encoder`) on the
+meta device (no memory, no weights read) and sorts every parameter and persistent buffer into a
+block, the embeddings or the head. Persistent
 buffers count because a stage loads them from the checkpoint; non-persistent ones (rotary
 frequencies) are recomputed and tiny.
 """
@@ -28,11 +29,14 @@ def count_tallies(config: Any) -> ModelTallies:
         The model's tallies; see `ModelTallies`.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from stages.encoder import is_encoder
 
     config = _as_config(config)
+    encoder = is_encoder(config)  # no KV cache; its pooler is not served (stages pool themselves)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = (AutoModel if encoder else AutoModelForCausalLM).from_config(config)
     text_config = config.get_text_config()
     blocks_name, num_layers = _find_blocks(model, getattr(text_config, "num_hidden_layers", None))
     linear_types = (torch.nn.Linear,)
@@ -43,6 +47,8 @@ def count_tallies(config: Any) -> ModelTallies:
     tied_numel = 0
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, tensor, is_param in _named_tensors(model, modules):
+        if encoder and name.startswith("pooler."):
+            continue
         owner_name, _, leaf = name.rpartition(".")
         owner = modules[owner_name]
         part = _part_of(name, owner_name, owner, blocks_name, embedding_types)
@@ -60,7 +66,7 @@ def count_tallies(config: Any) -> ModelTallies:
         embed=_tally(counts.get("embed", {})),
         head=_tally(counts.get("head", {})),
         tied_numel=tied_numel,
-        kv_numel_per_token=_kv_numel_per_token(text_config, num_layers),
+        kv_numel_per_token=(0,) * num_layers if encoder else _kv_numel_per_token(text_config, num_layers),
         model_type=str(getattr(config, "model_type", "")),
         act_numel_per_token=_act_numel_per_token(model, blocks_name, num_layers, text_config),
         vocab_size=_first_int(text_config, "vocab_size") or 0,

