@@ -11,7 +11,7 @@ import os
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 
-from app import chat, completions, tokens
+from app import chat, completions, embeddings, tokens
 from app.engine import Engine
 from app.errors import NotFound, error_body, install_error_handlers
 from app.generation import ModelInfo
@@ -28,7 +28,7 @@ CHAT_PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
 
 
 def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, api_keys=(),
-               problems=None) -> FastAPI:
+               problems=None, embedder=None) -> FastAPI:
     """Builds the app: the OpenAI endpoints (`/v1/models`, `/v1/completions`,
     `/v1/chat/completions`), vLLM's `/tokenize` and `/detokenize`, `/version`, `/health`, and the
     web chat page at `/`. Each generation endpoint is one module with an `add_routes(app, serving)`.
@@ -44,6 +44,8 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
         problems: returns {stage name: why it cannot come back} (see `app.rehome`).
         api_keys: keys a client must send as `Authorization: Bearer <key>` on every route but
             `/health` and `GET /` (none: no authentication).
+        embedder: for an encoder (`model.task == "embed"`), runs `/v1/embeddings`' texts through
+            the stages (`app.embeddings.Embedder`).
 
     Returns:
         The FastAPI app (Serve wraps it as the ingress; tests use it directly).
@@ -52,7 +54,8 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
     install_error_handlers(app)
     if metrics is not None:
         app.add_middleware(CountStatuses, metrics=metrics,
-                           endpoints={"/v1/completions": "completions", "/v1/chat/completions": "chat"})
+                           endpoints={"/v1/completions": "completions", "/v1/chat/completions": "chat",
+                                      "/v1/embeddings": "embeddings"})
     if api_keys:
         app.add_middleware(RequireApiKey, keys=tuple(api_keys))
 
@@ -91,8 +94,8 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
     async def version() -> dict:
         return {"version": VERSION}
 
-    serving = Serving(engine, model, metrics, report)
-    for endpoint in (completions, chat, tokens):
+    serving = Serving(engine, model, metrics, report, embedder)
+    for endpoint in (completions, chat, tokens, embeddings):
         endpoint.add_routes(app, serving)
     return app
 

@@ -156,9 +156,14 @@ def step_tokens(args: BuilderArgs) -> int:
 def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
     from transformers import AutoConfig
 
-    limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None) or 4096
+    from stages.encoder import is_encoder, read_encoder_config
+
+    config = AutoConfig.from_pretrained(model_dir)
+    limit = getattr(config, "max_position_embeddings", None) or 4096
+    if is_encoder(config):  # its longest input, as its checkpoint says (sentence-transformers' max_seq_length)
+        limit = read_encoder_config(model_dir).max_seq_length
     max_model_len = min(args.max_model_len or min(limit, 4096), limit)
-    if pool_tokens(args) < max_model_len:
+    if pool_tokens(args) < max_model_len and not is_encoder(config):
         raise ValueError(f"plan_kv_tokens ({args.plan_kv_tokens}) must hold at least one sequence of max_model_len "
                          f"({max_model_len}) tokens: raise it, or lower max_model_len")
     return EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_model_len,
@@ -197,8 +202,11 @@ def build_app(args: BuilderArgs):
         A bound Serve application.
     """
     from ray import serve
+    from transformers import AutoConfig
 
-    from app.deployments import DRAIN_TIMEOUT_S, Ingress, StageDeployment
+    from app.deployments import DRAIN_TIMEOUT_S, StageDeployment
+    from app.ingress import Ingress
+    from stages.encoder import is_encoder
 
     if isinstance(args, dict):
         args = BuilderArgs(**args)
@@ -211,6 +219,10 @@ def build_app(args: BuilderArgs):
     quantizations = args.stage_quantization or [args.quantization] * len(planned)
     if len(quantizations) != len(planned):
         raise ValueError(f"stage_quantization has {len(quantizations)} entries for {len(planned)} stages")
+    encoder = is_encoder(AutoConfig.from_pretrained(model_dir))
+    if encoder and set(quantizations) != {"none"}:
+        raise ValueError(f"quantization: {served_name} is an encoder, served in {args.dtype}; int8 and nf4 "
+                         "stages are for decoders")
     limits = wire_limits(args, config)
     stages = []
     for index, (start, end, pin, _) in enumerate(planned):
@@ -229,7 +241,7 @@ def build_app(args: BuilderArgs):
                                       max_batch_size=args.max_batch_size, block_size=args.kv_block_size,
                                       num_blocks=pool_tokens(args) // args.kv_block_size,
                                       num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens,
-                                      step_tokens=step_tokens(args), limits=limits))
+                                      step_tokens=step_tokens(args), limits=limits, encoder=encoder))
     # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues
     # (and answers 503 past max_queued_requests) itself.
     # The ingress runs where the checkpoint is (here): it reads the tokenizer, and serves the

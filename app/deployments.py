@@ -1,14 +1,13 @@
-"""The Serve deployment classes: plain classes, wrapped by the builder (`app.builder`).
+"""The stage's Serve deployment: a plain class, wrapped by the builder (`app.builder`).
 
-`StageDeployment` holds one block range and serves it on the data plane; `Ingress` owns the
-HTTP app, the tokenizer and the engine. Every stage replica announces its data-plane address
-to the ingress's registry (`app.registry`), so the ingress can reach each replica of each stage,
-again whenever one is added, replaced or drained.
+`StageDeployment` holds one block range and serves it on the data plane; the ingress
+(`app.ingress`) owns the HTTP app, the tokenizer and the engine. Every stage replica announces
+its data-plane address to the ingress's registry (`app.registry`), so the ingress can reach each
+replica of each stage, again whenever one is added, replaced or drained.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -16,18 +15,13 @@ import time
 
 import torch
 
-from app.api import create_app
-from app.generation import ModelInfo
-from app.engine import Engine, EngineConfig, Replica
-from app.health import stage_report, unavailable_reason
-from app.metrics import IngressMetrics, StageMetrics
-from app.pipeline import PipelineClient
 from app import wire
-from app.registry import Announcer, Registry, registry_name
-from app.rehome import Placed, Rehomer
+from app.metrics import StageMetrics
+from app.registry import Announcer
 from app.stage_server import StageServer
-from app.weights import WeightServer, local_checkpoint, weights_name
+from app.weights import local_checkpoint
 from stages import Stage
+from stages.encoder import EncoderStage
 
 logger = logging.getLogger("ray.serve")
 
@@ -109,12 +103,14 @@ class StageDeployment:
         step_tokens: the most tokens a step carries (`Stage.warm_up` runs such a step at start).
         quantization: "none", "int8" or "nf4" (bitsandbytes) for this stage's blocks.
         limits: what a data-plane message may be (`app.wire.Limits`).
+        encoder: the checkpoint is a sentence encoder (`stages.encoder.EncoderStage`, layers
+            instead of blocks, no KV cache).
     """
 
     def __init__(self, model_dir: str, index: int, start: int, end: int, *, dtype: str = "float32",
                  max_batch_size: int = 16, num_blocks: int = 256, block_size: int = 16, num_threads: int | None = None,
                  parallel_min_tokens: int = 64, step_tokens: int = 512, quantization: str = "none",
-                 limits: wire.Limits = wire.Limits()):
+                 limits: wire.Limits = wire.Limits(), encoder: bool = False):
         from ray import serve
 
         if num_threads:
@@ -132,8 +128,10 @@ class StageDeployment:
             "id": context.replica_id.unique_id, "stage": index, "start": start, "end": end, "node": _node_name(),
             "state": "starting", "error": None, "address": None, "num_slots": max_batch_size, "draining": False,
             "num_blocks": num_blocks, "block_size": block_size})
-        load = dict(model_dir=model_dir, start=start, end=end, dtype=dtype, num_blocks=num_blocks,
-                    block_size=block_size, quantization=quantization)
+        load = dict(model_dir=model_dir, start=start, end=end, dtype=dtype) if encoder else \
+            dict(model_dir=model_dir, start=start, end=end, dtype=dtype, num_blocks=num_blocks, block_size=block_size,
+                 quantization=quantization)
+        self.stage_class = EncoderStage if encoder else Stage
         threading.Thread(target=self._load_until_loaded, args=(load, num_threads, parallel_min_tokens),
                          daemon=True, name="stagewise-load").start()
 
@@ -144,13 +142,13 @@ class StageDeployment:
         name = f"Stage{self.index}"
         while not self._closed.is_set():
             logger.info("%s: loading blocks [%d, %d) of %s on %s (%s, %s, %d threads)", name, load["start"],
-                        load["end"], load["model_dir"], device, load["dtype"], load["quantization"],
+                        load["end"], load["model_dir"], device, load["dtype"], load.get("quantization", "none"),
                         torch.get_num_threads())
             try:
                 model_dir, self.fetched_bytes = local_checkpoint(load["model_dir"], load["start"], load["end"],
                                                                  self.app_name, name)
-                stage = Stage(model_dir, load["start"], load["end"], device=device,
-                              **{k: v for k, v in load.items() if k not in ("model_dir", "start", "end")})
+                stage = self.stage_class(model_dir, load["start"], load["end"], device=device,
+                                         **{k: v for k, v in load.items() if k not in ("model_dir", "start", "end")})
                 self.memory = warm_up(stage, self.step_tokens, self.num_slots)
             except Exception as exc:  # noqa: BLE001 - whatever the cause, say it and try again later
                 cause = f"{type(exc).__name__}: {exc}"
@@ -178,7 +176,7 @@ class StageDeployment:
         return {"index": self.index, "address": self.server.address, "fetched_bytes": self.fetched_bytes,
                 "start": self.stage.start,
                 "end": self.stage.end, "pid": os.getpid(), "weight_bytes": self.stage.weight_bytes(),
-                "kv_cache_bytes": self.stage.cache.nbytes(),
+                "kv_cache_bytes": self.stage.cache.nbytes() if self.stage.cache is not None else 0,
                 "device": str(self.stage.device), "quantization": self.stage.quantization or "none",
                 **self.memory, **memory,
                 "peak_rss_bytes": max(memory.get("peak_rss_bytes", 0), self.memory.get("load_peak_rss_bytes", 0))}
@@ -240,161 +238,3 @@ class StageDeployment:
                         "stopping without a drain (no ingress, or no step for a while)", time.monotonic() - began)
             announcer.close()
         server.close()
-
-
-class Ingress:
-    """The HTTP ingress: OpenAI API, tokenizer, scheduler; drives the stages over the data plane.
-
-    Args:
-        stages: handles of the stage deployments, in pipeline order.
-        model_dir: checkpoint directory (for the tokenizer and config).
-        served_name: the model id clients ask for.
-        engine_config: scheduler limits.
-        recover_timeout_s: how long to wait for a replaced stage before failing its sequences.
-        api_keys: keys clients must send (none: no authentication); see `app.api.RequireApiKey`.
-        limits: what a data-plane message may be (`app.wire.Limits`).
-        placed: the planned stages (`app.rehome.Placed`), to move when their node is gone for good;
-            None: the stages are not pinned (Ray re-places them itself).
-        node_grace_period_s: how long a planned stage's node may be gone before the stage moves.
-        reserve_fraction: the share of a node's memory the planner keeps free.
-    """
-
-    async def __init__(self, stages: list, model_dir: str, served_name: str, engine_config: EngineConfig,
-                       recover_timeout_s: float = 120.0, api_keys: tuple[str, ...] = (),
-                       limits: wire.Limits = wire.Limits(), placed: list[Placed] | None = None,
-                       node_grace_period_s: float = 30.0, reserve_fraction: float = 0.05):
-        from ray import serve
-        from transformers import AutoConfig, AutoTokenizer
-
-        self.num_stages = len(stages)
-        self.recover_timeout_s = recover_timeout_s
-        self.api_keys = tuple(api_keys)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        config = AutoConfig.from_pretrained(model_dir)
-        eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        self.model = ModelInfo(name=served_name, tokenizer=tokenizer, vocab_size=config.vocab_size,
-                               max_model_len=engine_config.max_model_len, eos_token_ids=eos_ids)
-        self.app_name = serve.get_replica_context().app_name
-        self.metrics = IngressMetrics(served_name)
-        # The data plane's secret: made here, handed to the stages only through the registry (Ray).
-        self.pipeline = PipelineClient(os.urandom(32), host=_node_ip(), limits=limits, on_refused=self.metrics.refused)
-        self.registry = self._make_registry()
-        # Stages on nodes without the checkpoint fetch their tensors from this node.
-        self.weights = self._on_this_node(WeightServer, weights_name(self.app_name)).remote(model_dir)
-        self.engine = Engine(self.pipeline, engine_config, len(stages), recover=self.find_stages,
-                             on_drained=lambda replica: self.pipeline.release(replica.address),
-                             metrics=self.metrics)
-        self.announced: list[dict] = []  # what the stage replicas said last, loading or failed ones too
-        self.rehomer = (Rehomer(self.app_name, placed, node_grace_period_s, reserve_fraction)
-                        if placed else None)
-        # Ready at once, without waiting for the stages: /health and the 503s say what they do.
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
-        logger.info("Ingress: %s through %d stages; waiting for them to load", served_name, len(stages))
-
-    @staticmethod
-    def _on_this_node(cls, name: str):
-        """A named actor class owned by this replica (it dies with it, and the next ingress makes a
-        new one) and on this replica's node, so that no other node's loss takes it away."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        return ray.remote(cls).options(name=name, num_cpus=0, get_if_exists=True, scheduling_strategy=here)
-
-    def _make_registry(self):
-        return self._on_this_node(Registry, registry_name(self.app_name)).remote(self.pipeline.secret,
-                                                                                self.pipeline.reply_address)
-
-    async def refresh(self) -> None:
-        """Tells the engine which stage replicas serve now (those loaded and not seen to die)."""
-        import ray
-
-        try:
-            found = await asyncio.wait_for(self.registry.replicas.remote(), timeout=5)
-        except ray.exceptions.ActorDiedError:
-            self.registry = self._make_registry()  # the stages announce themselves to it within a second
-            raise
-        self.announced = [r for r in found if not self.engine.gone(r["id"])]
-        self.engine.set_replicas([Replica(r["id"], r["stage"], r["address"], r["num_slots"], r["draining"],
-                                          r["num_blocks"], r["block_size"])
-                                  for r in self.announced if r.get("state") == "ready"])
-
-    async def _refresh_forever(self, period_s: float = 0.5) -> None:
-        known, ready_once = None, False
-        while True:
-            try:
-                await self.refresh()
-                load = self.engine.replica_load()
-                self.metrics.set_blocks(load)
-                await asyncio.to_thread(self._tell_demand, load)
-                report = stage_report(self.num_stages, self.announced, problems=self.problems())
-                if self.rehomer is not None:
-                    await asyncio.to_thread(self.rehomer.check, report)
-                now = [(s["name"], s["state"], s["node"], s["error"]) for s in report]
-                if now != known:
-                    logger.info("Ingress: stages %s", "; ".join(
-                        f"{name} {'failed to load' if state == 'failed' else state}" + (f" on {node}" if node else "")
-                        + (f": {error}" if error else "") for name, state, node, error in now))
-                    known = now
-                if not ready_once and unavailable_reason(report) is None:
-                    ready_once = True
-                    self._say_ready()
-            except Exception as exc:  # noqa: BLE001 - keep refreshing; steps fail on their own
-                logger.warning("Ingress: cannot read the stage registry: %s", exc)
-            await asyncio.sleep(period_s)
-
-    def _say_ready(self) -> None:
-        """The line a user waits for: the application answers, with what, where."""
-        where = ", ".join(f"Stage{r['stage']} blocks [{r['start']}, {r['end']}) on {r['node']}"
-                          for r in sorted(self.announced, key=lambda r: (r["stage"], r["id"]))
-                          if r.get("state") == "ready")
-        url = ""
-        try:
-            from ray.serve.context import _get_global_client  # the root URL is not in a public API
-
-            url = f" at {_get_global_client().root_url.rstrip('/')}/v1"
-        except Exception:  # noqa: BLE001 - the line is still useful without the URL
-            pass
-        logger.info("stagewise: %s is ready%s (%s)", self.model.name, url, where)
-
-    def _tell_demand(self, replicas: list[dict]) -> None:
-        """Tells each stage replica its demand, for its autoscaling metrics."""
-        for replica in replicas:
-            self.pipeline.notify(replica["address"], wire.Demand(replica["sequences"], replica["waiting"]))
-
-    async def find_stages(self) -> None:
-        """Waits until every stage has a replica that takes sequences (one being replaced, say)."""
-        deadline, said = time.monotonic() + self.recover_timeout_s, None
-        while True:
-            try:
-                await self.refresh()
-                if self.engine.available():
-                    return
-                problem = (unavailable_reason(stage_report(self.num_stages, self.announced, problems=self.problems()))
-                           or "a stage has no replica that takes sequences")
-            except Exception as exc:  # noqa: BLE001 - a registry read can time out under load
-                problem = repr(exc)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"stages unreachable for {self.recover_timeout_s:.0f} s: {problem}")
-            if problem != said:
-                logger.info("Ingress: waiting for the stages (%s)", problem)
-                said = problem
-            await asyncio.sleep(0.5)
-
-    def problems(self) -> dict[str, str]:
-        """Stages that cannot come back, and why (their node is gone for good and none other has room)."""
-        if self.rehomer is None:
-            return {}
-        return {name: problem for name in self.rehomer.stages if (problem := self.rehomer.problem(name))}
-
-    def check_health(self) -> None:
-        """Serve's health check: fails only when the engine loop keeps failing. Never because a stage
-        is missing: this replica holds the token history that replaying a stage needs."""
-        if not self.engine.alive:
-            raise RuntimeError(f"the engine loop failed {self.engine.restarts} times, too often to go on")
-
-    def __serve_build_asgi_app__(self):
-        return create_app(self.engine, self.model, metrics=self.metrics, announced=lambda: self.announced,
-                          problems=self.problems,
-                          api_keys=self.api_keys)

@@ -29,6 +29,7 @@ class ModelInfo:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     created: int = field(default_factory=lambda: int(time.time()))
+    task: str = "generate"  # or "embed": an encoder (`stages.encoder`), whose max_model_len is its longest input
 
 
 class PipelineError(RuntimeError):

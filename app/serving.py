@@ -29,15 +29,25 @@ class Serving:
         model: the served model.
         metrics: counts failures of a request's own code (`sequence_failed`); None: not counted.
         report: returns the stages' report (`app.health.stage_report`).
+        embedder: runs an encoder's texts through the stages (`app.embeddings.Embedder`; None:
+            the model generates).
     """
 
-    def __init__(self, engine: Engine, model: ModelInfo, metrics, report: Callable[[], list[dict]]):
+    def __init__(self, engine: Engine, model: ModelInfo, metrics, report: Callable[[], list[dict]], embedder=None):
         self.engine, self.model, self.metrics, self.report = engine, model, metrics, report
+        self.embedder = embedder
 
-    def admit(self, requested_model: str) -> None:
-        """Raises 404 for another model's name, 503 while a stage cannot serve."""
+    def admit(self, requested_model: str, task: str = "generate") -> None:
+        """Raises 404 for another model's name, 400 for an endpoint of another task than the
+        model's ("generate": completions and chat; "embed": embeddings), 503 while a stage
+        cannot serve."""
         if requested_model != self.model.name:
             raise NotFound(f"The model `{requested_model}` does not exist.", param="model", code="model_not_found")
+        if task != self.model.task:
+            api = {"generate": "the Completions and Chat Completions APIs", "embed": "the Embeddings API"}[task]
+            raise BadRequest(f"The model `{requested_model}` does not support {api}: it is "
+                             f"{'an embedding' if self.model.task == 'embed' else 'a generative'} model",
+                             param="model", code="model_not_supported")
         reason = unavailable_reason(self.report())
         if reason is not None:
             raise Unavailable(reason)

@@ -144,8 +144,11 @@ class StageServer:
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         try:
-            out = self.stage(step.inputs, [list(t) for t in tables[0]], list(step.starts), list(step.num_new),
-                             all_logits=step.all_logits, rows=rows)
+            if getattr(self.stage, "is_encoder", False):  # whole texts: `rows` is their attention mask
+                out = self.stage(step.inputs, rows)
+            else:
+                out = self.stage(step.inputs, [list(t) for t in tables[0]], list(step.starts), list(step.num_new),
+                                 all_logits=step.all_logits, rows=rows)
         except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
             logger.exception("step %s failed", step.step)
             if self.metrics is not None:

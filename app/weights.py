@@ -64,9 +64,13 @@ class WeightServer:
     def manifest(self) -> dict:
         """{"key", "small": {name: bytes}, "safetensors": {name: {"size", "header"}}}."""
         small, tensors = {}, {}
-        for name in sorted(os.listdir(self.model_dir)):
+        # the directory's files, and those one folder down (sentence-transformers' `1_Pooling/`)
+        top = sorted(os.listdir(self.model_dir))
+        names = top + [f"{d}/{f}" for d in top if os.path.isdir(os.path.join(self.model_dir, d)) and
+                       not d.startswith(".") for f in sorted(os.listdir(os.path.join(self.model_dir, d)))]
+        for name in names:
             path = os.path.join(self.model_dir, name)
-            if not os.path.isfile(path):
+            if not os.path.isfile(path) or "/" in name and name.endswith(".safetensors"):
                 continue
             if name.endswith(".safetensors"):
                 tensors[name] = {"size": os.path.getsize(path), "header": _header(path)}
@@ -146,9 +150,12 @@ def local_checkpoint(model_dir: str, start: int, end: int, app_name: str, stage_
     with open(os.path.join(mirror, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # stages on this node fetch one at a time, nothing twice
         _write_skeleton(mirror, manifest)
-        from stages.stage import stored_tensors
+        from transformers import AutoConfig
 
-        needed = stored_tensors(mirror, start, end)
+        from stages import encoder, stage
+
+        kind = encoder if encoder.is_encoder(AutoConfig.from_pretrained(mirror)) else stage
+        needed = kind.stored_tensors(mirror, start, end)
         fetched = _fetch(server, mirror, manifest, needed)
     logger.info("%s: %s %.1f MiB of its tensors (%d) from the checkpoint's node into %s", stage_name,
                 "fetched" if fetched else "had", (fetched or _bytes_of(manifest, needed)) / 2**20, len(needed),
@@ -160,6 +167,7 @@ def _write_skeleton(mirror: str, manifest: dict) -> None:
     """The small files, and each safetensors file as a sparse file with its header."""
     for name, data in manifest["small"].items():
         path = os.path.join(mirror, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         if not os.path.exists(path):
             with open(path + ".part", "wb") as f:
                 f.write(data)

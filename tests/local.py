@@ -9,18 +9,22 @@ from fastapi.testclient import TestClient
 from transformers import AutoConfig, AutoTokenizer
 
 from app.api import create_app
+from app.embeddings import Embedder
 from app.generation import ModelInfo
 from app.engine import Engine, EngineConfig, Replica
 from app.pipeline import PipelineClient
 from app.stage_server import StageServer
 from placement import kv_pool_blocks
 from stages import Stage
+from stages.encoder import EncoderStage, is_encoder, read_encoder_config
 
 
 def replicas_of(servers: list[StageServer], num_slots: int) -> list[Replica]:
-    """One replica per stage: the stage servers in pipeline order."""
-    return [Replica(f"stage{i}", i, server.address, num_slots, num_blocks=server.stage.cache.num_blocks,
-                    block_size=server.stage.cache.block_size) for i, server in enumerate(servers)]
+    """One replica per stage: the stage servers in pipeline order (an encoder's have no KV cache)."""
+    return [Replica(f"stage{i}", i, server.address, num_slots,
+                    **({"num_blocks": server.stage.cache.num_blocks, "block_size": server.stage.cache.block_size}
+                       if server.stage.cache is not None else {}))
+            for i, server in enumerate(servers)]
 
 
 @contextmanager
@@ -48,10 +52,12 @@ def http_server(app):
 
 
 def model_info(model_dir: str, name: str, max_model_len: int) -> ModelInfo:
-    """What the HTTP layer knows of the checkpoint's model."""
+    """What the HTTP layer knows of the checkpoint's model (an encoder's longest input: its own)."""
     hf_config = AutoConfig.from_pretrained(model_dir)
+    encoder = is_encoder(hf_config)
     return ModelInfo(name=name, tokenizer=AutoTokenizer.from_pretrained(model_dir), vocab_size=hf_config.vocab_size,
-                     max_model_len=max_model_len, eos_token_ids=(hf_config.eos_token_id,))
+                     max_model_len=read_encoder_config(model_dir).max_seq_length if encoder else max_model_len,
+                     eos_token_ids=(hf_config.eos_token_id,), task="embed" if encoder else "generate")
 
 
 @contextmanager
@@ -65,14 +71,17 @@ def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model"
     quantizations = quantizations or ["none"] * len(ranges)
     secret = os.urandom(32)  # the application's data-plane secret
     num_blocks = kv_pool_blocks(kv_tokens or config.max_batch_size * config.max_model_len, block_size)
-    servers = [StageServer(Stage(model_dir, start, end, num_blocks=num_blocks, block_size=block_size, quantization=q),
+    info = model_info(model_dir, name, config.max_model_len)
+    servers = [StageServer(EncoderStage(model_dir, start, end) if info.task == "embed" else
+                           Stage(model_dir, start, end, num_blocks=num_blocks, block_size=block_size, quantization=q),
                            secret) for (start, end), q in zip(ranges, quantizations)]
     pipeline = PipelineClient(secret)
     engine = Engine(pipeline, config, len(servers))
     engine.set_replicas(replicas_of(servers, config.max_batch_size))
-    info = model_info(model_dir, name, config.max_model_len)
+    embedder = Embedder(lambda: engine.replicas.values(), pipeline, config.max_batch_size,
+                        config.max_num_batched_tokens) if info.task == "embed" else None
     try:
-        app = create_app(engine, info, api_keys=api_keys)
+        app = create_app(engine, info, api_keys=api_keys, embedder=embedder)
         if http:
             with http_server(app) as url:
                 yield url, engine, servers
