@@ -193,3 +193,19 @@ class Ingress:
             self._app = create_app(self.engine, self.model, metrics=self.metrics, announced=lambda: self.announced,
                                    problems=self.problems, api_keys=self.api_keys, embedder=self.embedder)
         return self._app
+
+    async def ready(self) -> bool:
+        """Whether every stage has a replica that takes sequences (for `app.batch`)."""
+        return self.engine.available()
+
+    async def request(self, path: str, body: dict) -> tuple[int, dict]:
+        """One request through this replica's own app, in this process, as an HTTP request would
+        go (validation, errors, answers): its status and JSON body. For callers holding a Serve
+        deployment handle (`app.batch`); `model` defaults to the served one."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_keys[0]}"} if self.api_keys else {}
+        transport = httpx.ASGITransport(app=self.__serve_build_asgi_app__())
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingress", timeout=None) as client:
+            r = await client.post(path, json={"model": self.model.name, **body}, headers=headers)
+        return r.status_code, r.json()
