@@ -27,7 +27,7 @@ from app import wire
 from app.metrics import IngressMetrics
 from app.pipeline import StepFailed, step_inputs
 from app.replicas import ReplicaPool
-from app.sampling import Choice, choices, extend_prompt_logprobs, sampling_spec
+from app.sampling import Choice, choices, extend_prompt_logprobs, sampling_spec, scored_prompts
 from app.scheduler import Scheduler
 from app.sequence import WANT_SAMPLE, EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
 
@@ -260,11 +260,14 @@ class Engine:
         want = tuple(row.want for row in rows)
         specs = tuple(sampling_spec(row.seq, row.start, row.num_new, route) if w == WANT_SAMPLE else None
                       for row, w in zip(rows, want))
+        # an echo's prompt is scored on the last stage: each position's next prompt token
+        scoring = tuple((r.seq.params.logprobs or 0, tuple(r.seq.prompt_ids[r.start + 1:r.start + r.num_new + 1]))
+                        if r.seq.needs_all_logits else None for r in rows) if all_logits else ()
         try:
             addresses = [self.replicas[replica_id].address for replica_id in route]
             result = await self.pipeline.step(addresses, inputs, tables, [r.start for r in rows],
                                               [r.num_new for r in rows], all_logits=all_logits, want=want,
-                                              sampling=specs, timeout=self.config.step_timeout_s)
+                                              sampling=specs, scoring=scoring, timeout=self.config.step_timeout_s)
         except (StepFailed, KeyError) as exc:
             self._drop_rows(rows)
             return (exc if isinstance(exc, StepFailed) else StepFailed(f"replica {exc} went away")), rows
@@ -274,7 +277,7 @@ class Engine:
         for row in rows:
             row.seq.step_failures = 0
         if epoch == self._epoch:
-            self._finish_step(rows, result, specs, route)
+            self._finish_step(rows, result, specs, scoring, route)
         else:
             self._drop_rows(rows)
         return None, rows
@@ -286,8 +289,10 @@ class Engine:
             if row.seq.finished:
                 self._release(row.seq)
 
-    def _finish_step(self, rows: list[Row], result: wire.Result, specs: tuple, route: tuple[str, ...]) -> None:
+    def _finish_step(self, rows: list[Row], result: wire.Result, specs: tuple, scoring: tuple,
+                     route: tuple[str, ...]) -> None:
         sampled: list[tuple[int, Sequence]] = []  # the rows whose sequences get their next token
+        scored = scored_prompts(result.sampled, specs, scoring)
         for i, row in enumerate(rows):
             seq = row.seq
             seq.in_flight = False
@@ -296,9 +301,8 @@ class Engine:
             if seq.finished:
                 self._release(seq)
                 continue
-            if result.logits is not None and seq.needs_all_logits:
-                extend_prompt_logprobs(seq.prompt_logprob_values, result.logits[i, :row.num_new], seq.prompt_ids,
-                                       row.start, seq.params.logprobs or 0)
+            if i in scored:
+                extend_prompt_logprobs(seq.prompt_logprob_values, scored[i], row.start)
             seq.num_cached = row.start + row.num_new
             self.pool.cache_computed(seq)
             if seq.num_pending == 0 and seq.params.max_tokens == 0:  # echo: the prompt scored, nothing more

@@ -54,7 +54,7 @@ class PipelineClient:
         self.secret = secret
         self._server, self.reply_address = listen(host)
         self._out = Connections(secret)
-        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, frozenset, int, bool, int | None]] = {}
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, frozenset, int, tuple | None]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._watched: dict[str, list] = {}
@@ -67,15 +67,16 @@ class PipelineClient:
             entry = self._pending.pop(message.step, None)
         if entry is None:
             return  # a step we gave up on
-        loop, future, _, rows, logits, top = entry
+        loop, future, _, rows, sizes = entry
         if isinstance(message, wire.Error):
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(message.message))
             return
-        # what the step asked for: logits of every row or none, tokens of every row or none
+        # what the step asked for: every row's logits, or (with `want`) a token per row, and as
+        # many log-probabilities and alternatives as its rows asked for
         sampled = message.sampled
-        if ((message.logits is None) == logits or (message.logits is not None and message.logits.shape[0] != rows)
-                or (sampled is None) != (top is None)
-                or (sampled is not None and (sampled.tokens.shape[0] != rows or sampled.top_ids.shape[0] != top))):
+        if (sizes is None and (message.logits is None or message.logits.shape[0] != rows)
+                or sizes is not None and (sampled is None or (sampled.tokens.shape[0], sampled.logprobs.shape[0],
+                                                               sampled.top_ids.shape[0]) != (rows, *sizes))):
             loop.call_soon_threadsafe(_resolve, future, None, StepFailed(
                 f"step {message.step}: the result does not answer the step's {rows} rows"))
         else:
@@ -83,7 +84,8 @@ class PipelineClient:
 
     async def step(self, route: list[str], inputs: torch.Tensor, tables: list[list[list[int]]], starts: list[int],
                    num_new: list[int], *, all_logits: bool = False, want: tuple[int, ...] = (),
-                   sampling: tuple[SamplingSpec | None, ...] = (), timeout: float | None = None) -> wire.Result:
+                   sampling: tuple[SamplingSpec | None, ...] = (), scoring: tuple = (),
+                   timeout: float | None = None) -> wire.Result:
         """Runs one batched step through one replica of every stage.
 
         Args:
@@ -95,11 +97,13 @@ class PipelineClient:
             all_logits: return logits at every position (B, T, V) instead of the last (B, V).
             want: per row, what the last stage returns (`wire.WANT_*`); empty: every row's logits.
             sampling: with `want`, per row, how a WANT_SAMPLE row samples (None for the others).
+            scoring: with `want` and `all_logits`, per row None or (alternatives, the token ids its
+                positions predict): the rows that score their prompt (echo).
             timeout: seconds to wait for the result before the step counts as failed.
 
         Returns:
-            The last stage's `wire.Result`: without `want`, (B, V) float32 logits; with it, each
-            row's token (`Result.sampled`), and the logits (B, T, V) when `all_logits`.
+            The last stage's `wire.Result`: without `want`, float32 logits ((B, T, V) with
+            `all_logits`); with it, each row's token and what its rows asked for (`Result.sampled`).
 
         Raises:
             StepFailed: a stage reported an error, could not be reached, or timed out.
@@ -108,11 +112,15 @@ class PipelineClient:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            top = sum(max(spec.logprobs, 0) for spec in sampling if spec is not None) if want else None
-            self._pending[step_id] = (loop, future, frozenset(route), len(starts), all_logits or not want, top)
+            scored = [entry for entry in scoring if entry is not None]
+            sizes = (len(starts) + sum(len(targets) for _, targets in scored),
+                     sum(max(spec.logprobs, 0) for spec in sampling if spec is not None)
+                     + sum(k * len(targets) for k, targets in scored)) if want else None
+            self._pending[step_id] = (loop, future, frozenset(route), len(starts), sizes)
         message = wire.Step(step_id, tuple(route[1:]) + (self.reply_address,),
                             tuple(tuple(map(tuple, stage)) for stage in tables),
-                            tuple(starts), tuple(num_new), all_logits, inputs, tuple(want), tuple(sampling))
+                            tuple(starts), tuple(num_new), all_logits, inputs, tuple(want), tuple(sampling),
+                            tuple(scoring))
         try:
             await asyncio.to_thread(self._out.send, route[0], message)
             return await asyncio.wait_for(future, timeout)

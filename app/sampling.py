@@ -10,8 +10,6 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
-import torch
-
 from stages.sampler import FAILED, GREEDY_BELOW, Sampled, SamplingSpec
 
 if TYPE_CHECKING:
@@ -94,37 +92,32 @@ class Choice:
     top: list[tuple[int, float]] | None = None
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], start: int, num_top: int
-                    ) -> list[tuple[float, list[tuple[int, float]] | None]]:
-    """(log-probability, the `num_top` best alternatives or None) of each prompt token that the
-    logits of positions `start, start + 1, ...` predict (those past the prompt's end are left out).
-
-    Args:
-        logits: (T, V) logits of T consecutive positions from `start`.
-        prompt_ids: the prompt.
-        start: the position of the first row of `logits`.
-        num_top: alternatives to report (0: none).
-    """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    out = []
-    for offset in range(min(len(logits), len(prompt_ids) - start - 1)):
-        row, token = logprobs[offset], prompt_ids[start + offset + 1]
-        top = None
-        if num_top:
-            values, ids = torch.topk(row, num_top)
-            top = list(zip(ids.tolist(), values.tolist()))
-        out.append((float(row[token]), top))
+def scored_prompts(sampled: Sampled, specs: tuple, scoring: tuple) -> dict[int, list[tuple[float, list | None]]]:
+    """Per row that scored its prompt (`scoring`), (log-probability, alternatives or None) of each
+    token its positions predicted, from the last stage's answer (after the rows' own entries)."""
+    at = len(specs)
+    top_at = sum(max(spec.logprobs, 0) for spec in specs if spec is not None)
+    out = {}
+    for i, entry in enumerate(scoring):
+        if entry is None:
+            continue
+        num_top, targets = entry
+        values = sampled.logprobs[at:at + len(targets)].tolist()
+        ids = sampled.top_ids[top_at:top_at + num_top * len(targets)].view(-1, num_top).tolist() if num_top else None
+        tops = sampled.top_logprobs[top_at:top_at + num_top * len(targets)].view(-1, num_top).tolist() \
+            if num_top else None
+        out[i] = [(value, list(zip(ids[t], tops[t])) if num_top else None) for t, value in enumerate(values)]
+        at, top_at = at + len(targets), top_at + num_top * len(targets)
     return out
 
 
-def extend_prompt_logprobs(values: list, logits: torch.Tensor, prompt_ids: list[int], start: int,
-                           num_top: int) -> None:
+def extend_prompt_logprobs(values: list, scored: list[tuple[float, list | None]], start: int) -> None:
     """Adds to `values` (a sequence's prompt log-probabilities so far, the first token's None
-    included) those that `logits` of positions `start, start + 1, ...` give and it lacks (a
-    replay computes them again)."""
+    included) those that positions `start, start + 1, ...` scored and it lacks (a replay scores
+    them again)."""
     if not values:
         values.append((None, None))  # the first token has no context
-    values += prompt_logprobs(logits, prompt_ids, start, num_top)[max(len(values) - start - 1, 0):]
+    values += scored[max(len(values) - start - 1, 0):]
 
 
 def sampling_spec(seq: Sequence, start: int, num_new: int, route: tuple[str, ...]) -> SamplingSpec:

@@ -164,7 +164,7 @@ class StageServer:
         load.last_step_at = done
         if len(route) > 1:
             sent = self._send(route[0], wire.Step(step.step, route[1:], tables[1:], step.starts, step.num_new,
-                                                  step.all_logits, out, step.want, step.sampling))
+                                                  step.all_logits, out, step.want, step.sampling, step.scoring))
         else:
             sent = self._send(route[0], result(step, out, self.sampler))
         if not sent and len(route) > 1:
@@ -195,9 +195,8 @@ class StageServer:
 def result(step: wire.Step, out: torch.Tensor, sampler: Sampler) -> wire.Result:
     """The last stage's answer to `step`: every row's logits, or, when the step says what each
     row wants, each row's token (its argmax, or sampled by its spec: the failures of one row are
-    its own), with the logits of every position for a step that asks for them."""
+    its own), and the log-probabilities of the prompt tokens of the rows that score them."""
     if not step.want:
         return wire.Result(step.step, out)
-    last = out[torch.arange(out.shape[0]), torch.tensor(step.num_new) - 1] if step.all_logits else out
-    sampled = sampler.sample(last, step.want, step.sampling, step.starts, step.num_new)
-    return wire.Result(step.step, out if step.all_logits else None, sampled)
+    return wire.Result(step.step, None, sampler.answer(out, step.want, step.sampling, step.starts, step.num_new,
+                                                       step.scoring))

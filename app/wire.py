@@ -17,7 +17,7 @@ known dtypes, shapes that are non-negative and add up to the payload.
                                        its rows padded to the longest, or packed in one row
     Result    last stage -> ingress    a step's tokens, sampled on the last stage as each row's spec says
                                        (with log-probabilities and alternatives where asked), and the
-                                       logits of every position for steps that score prompts (echo)
+                                       log-probabilities of the prompt tokens of rows that score them
     Error     stage -> ingress         a step failed (message)
     Released  ingress -> stage         a draining replica holds no sequence any more
     Demand    ingress -> stage         sequences held and waiting, for autoscaling
@@ -79,6 +79,9 @@ class Step:
     want: tuple[int, ...] = ()
     # per row with `want`: how a WANT_SAMPLE row samples (None for the others)
     sampling: tuple[SamplingSpec | None, ...] = ()
+    # per row with `all_logits`: None, or (alternatives, the token ids its positions predict) of a
+    # row that scores its prompt (echo with log-probabilities)
+    scoring: tuple[tuple[int, tuple[int, ...]] | None, ...] = ()
 
     kind = "step"
 
@@ -86,9 +89,10 @@ class Step:
 @dataclass(frozen=True)
 class Result:
     step: int
-    # (B, V) without a step's `want`; (B, T, V) for a step with all_logits; else None
+    # (B, V) or (B, T, V) without a step's `want`; else None
     logits: torch.Tensor | None = field(compare=False)
-    # with a step's `want`: each row's token, and log-probabilities where asked
+    # with a step's `want`: each row's token, and log-probabilities where asked (then those of
+    # the scored prompt positions, see `Step.scoring`)
     sampled: Sampled | None = field(default=None, compare=False)
 
     kind = "result"
@@ -152,7 +156,8 @@ def _fields_of(message: Message) -> dict:
         return {"step": message.step, "route": list(message.route), "tables": [[list(t) for t in s] for s in message.tables],
                 "starts": list(message.starts), "num_new": list(message.num_new), "all_logits": message.all_logits,
                 "want": list(message.want),
-                "sampling": [spec.to_wire() if spec is not None else None for spec in message.sampling]}
+                "sampling": [spec.to_wire() if spec is not None else None for spec in message.sampling],
+                "scoring": [list(entry) if entry is not None else None for entry in message.scoring]}
     if isinstance(message, Result):
         return {"step": message.step}
     if isinstance(message, Error):
@@ -196,8 +201,8 @@ def recv(sock: socket.socket, limits: Limits) -> Message:
 def _tensor_specs(specs, total: int, limits: Limits) -> list[tuple[torch.dtype, list[int], int]]:
     if total > limits.max_payload_bytes:
         raise WireError(f"payload of {total} bytes over the limit of {limits.max_payload_bytes}")
-    if not isinstance(specs, list) or len(specs) > 5:
-        raise WireError("tensors: a list of at most 5 [dtype, shape] pairs expected")
+    if not isinstance(specs, list) or len(specs) > 4:
+        raise WireError("tensors: a list of at most 4 [dtype, shape] pairs expected")
     out, size_sum = [], 0
     for spec in specs:
         if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in DTYPES and isinstance(spec[1], list)
@@ -224,7 +229,7 @@ def _message(header: dict, tensors: list[torch.Tensor], limits: Limits) -> Messa
         raise WireError(f"unknown kind {str(kind)[:40]!r}")
     if kind in ("step", "result", "error") and type(header.get("step")) is not int:
         raise WireError(f"{kind}: an integer step id expected")
-    expected_tensors = {"step": (1,), "result": (1, 4, 5)}.get(kind, (0,))
+    expected_tensors = {"step": (1,), "result": (1, 4)}.get(kind, (0,))
     if len(tensors) not in expected_tensors:
         raise WireError(f"{kind}: {' or '.join(map(str, expected_tensors))} tensors expected, got {len(tensors)}")
     if kind == "step":
@@ -273,25 +278,31 @@ def _step(header: dict, inputs: torch.Tensor, limits: Limits) -> Step:
         sampling = tuple(None if spec is None else SamplingSpec.from_wire(spec, n) for spec, n in zip(sampling, num_new))
     except ValueError as exc:
         raise WireError(f"step: {exc}") from None
+    scoring = header.get("scoring", [])
+    if not isinstance(scoring, list) or scoring and (len(scoring) != rows or not header.get("all_logits")) or not all(
+            entry is None or isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int
+            and 0 <= entry[0] <= 20 and isinstance(entry[1], list) and len(entry[1]) <= n
+            and all(type(t) is int and 0 <= t < 1 << 24 for t in entry[1]) for entry, n in zip(scoring, num_new)):
+        raise WireError("step: scoring, when given, is per row None or [alternatives, the token ids its positions "
+                        "predict], in a step with all_logits")
+    scoring = tuple(None if entry is None else (entry[0], tuple(entry[1])) for entry in scoring)
     return Step(header["step"], tuple(route), tables, starts, num_new, header.get("all_logits", False), inputs, want,
-                sampling)
+                sampling, scoring)
 
 
 def _result(step: int, tensors: list[torch.Tensor]) -> Result:
-    logits = tensors[0] if len(tensors) in (1, 5) else None
-    if logits is not None and (logits.dtype != torch.float32 or logits.dim() not in (2, 3)):
-        raise WireError("result: float32 logits of 2 or 3 dims expected")
     if len(tensors) == 1:
-        return Result(step, logits)
-    sampled = Sampled(*tensors[-4:])
-    rows = sampled.tokens.shape[0] if sampled.tokens.dim() == 1 else -1
+        if tensors[0].dtype != torch.float32 or tensors[0].dim() not in (2, 3):
+            raise WireError("result: float32 logits of 2 or 3 dims expected")
+        return Result(step, tensors[0])
+    sampled = Sampled(*tensors)
     if not (sampled.tokens.dtype == sampled.top_ids.dtype == torch.int64
             and sampled.logprobs.dtype == sampled.top_logprobs.dtype == torch.float32
-            and rows >= 0 and sampled.logprobs.shape == (rows,) and sampled.top_ids.dim() == 1
+            and sampled.tokens.dim() == sampled.logprobs.dim() == 1 and sampled.top_ids.dim() == 1
             and sampled.top_ids.shape == sampled.top_logprobs.shape):
         raise WireError("result: int64 tokens and float32 log-probabilities of each row, and int64 ids and float32 "
                         "log-probabilities of the alternatives, each of 1 dim, expected")
-    return Result(step, logits, sampled)
+    return Result(step, None, sampled)
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytearray:

@@ -184,6 +184,24 @@ def sample_token(logits: torch.Tensor, spec: SamplingSpec, tokens: torch.Tensor 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def score(logits: torch.Tensor, targets: tuple[int, ...], num_top: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    """The log-probability of each of `targets` under the logits of the positions before it (a
+    prompt's tokens, for echo), and the `num_top` best alternatives at each position.
+
+    Args:
+        logits: (T, V) logits of consecutive positions; position t predicts `targets[t]`.
+        targets: at most T token ids.
+
+    Returns:
+        (len(targets),) float32 log-probabilities, and (len(targets) * num_top,) ids and
+        float32 log-probabilities of the alternatives, position after position.
+    """
+    logprobs = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+    values, ids = torch.topk(logprobs, num_top, dim=-1)
+    return logprobs.gather(1, torch.tensor(targets).view(-1, 1)).view(-1), ids.reshape(-1), values.reshape(-1)
+
+
 class Sampler:
     """A last stage's sampling, with the token history of the sequences that penalties need.
 
@@ -232,6 +250,26 @@ class Sampler:
                 top_logprobs.append(torch.zeros(top))
         cat = (lambda parts, dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype))
         return Sampled(tokens, logprobs, cat(top_ids, torch.long), cat(top_logprobs, torch.float32))
+
+    def answer(self, out: torch.Tensor, want: tuple[int, ...], specs: tuple[SamplingSpec | None, ...],
+               starts: tuple[int, ...], num_new: tuple[int, ...], scoring: tuple = ()) -> Sampled:
+        """A step's answer: each row's token (`sample`) from its last position's logits, then, for
+        each row that scores its prompt (`scoring`: per row None or (num_top, targets), with `out`
+        the logits of every position), its targets' log-probabilities and alternatives, appended
+        after the rows' (in `logprobs`, `top_ids` and `top_logprobs`).
+
+        Args:
+            out: (B, V), or (B, T, V) logits of every position.
+        """
+        last = out[torch.arange(out.shape[0]), torch.tensor(num_new) - 1] if out.dim() == 3 else out
+        sampled = self.sample(last, want, specs, starts, num_new)
+        scored = [score(out[i], targets, num_top) for i, entry in enumerate(scoring) if entry is not None
+                  for num_top, targets in [entry]]
+        if not scored:
+            return sampled
+        logprobs, ids, values = zip(*scored)
+        return Sampled(sampled.tokens, torch.cat([sampled.logprobs, *logprobs]),
+                       torch.cat([sampled.top_ids, *ids]), torch.cat([sampled.top_logprobs, *values]))
 
     def _history(self, spec: SamplingSpec, start: int, num_new: int) -> torch.Tensor | None | int:
         """The row's tokens so far with this step's (None when its draws need none; `FAILED`

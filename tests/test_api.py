@@ -182,8 +182,13 @@ def test_echo_logprobs_and_max_tokens_zero(checkpoint):
     logprobs = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0], dim=-1)
     expected = [logprobs[i, prompt_ids[i + 1]].item() for i in range(len(prompt_ids) - 1)]
     best = torch.topk(logprobs[:-1], 2)  # the two likeliest tokens at each prompt position after the first
-    with local_app(model_dir, THREE, max_num_batched_tokens=3) as (client, _, _):
+    with local_app(model_dir, THREE, max_num_batched_tokens=3) as (client, _, servers):
+        results, send = [], servers[-1]._send
+        servers[-1]._send = lambda address, message: (results.append(message), send(address, message))[1]
         body = complete(client, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+        # scored on the last stage: each prompt token's log-probability and 2 alternatives, no logits
+        assert all(r.logits is None for r in results) and len(results) > 1  # in chunks of 3 tokens
+        assert sum(r.sampled.top_ids.numel() for r in results) == 2 * (len(prompt_ids) - 1)
         choice = body["choices"][0]
         assert choice["text"] == prompt and body["usage"]["completion_tokens"] == 0
         assert choice["logprobs"]["token_logprobs"][0] is None

@@ -72,6 +72,17 @@ def test_log_probabilities_and_alternatives_only_for_the_rows_that_asked():
     assert int(bias.tokens[0]) == FAILED  # a bias beyond the vocabulary: that row, not the step
 
 
+def test_a_prompt_is_scored_after_the_rows_own_answers():
+    out = logits(6).view(2, 3, 50)  # 2 rows of 3 positions
+    spec = SamplingSpec(seed=1, logprobs=1)
+    answer = Sampler().answer(out, (2, 0), (spec, None), (0, 0), (3, 2), scoring=(None, (2, (7, 8))))
+    expected = torch.log_softmax(out[1, :2], dim=-1)
+    assert answer.logprobs.shape == (2 + 2,) and answer.top_ids.shape == (1 + 2 * 2,)
+    assert answer.logprobs[2:].tolist() == [expected[0, 7].item(), expected[1, 8].item()]
+    assert answer.top_ids[1:].tolist() == expected.topk(2).indices.reshape(-1).tolist()
+    assert int(answer.tokens[0]) >= 0 and int(answer.tokens[1]) == NOT_FINITE  # row 1 wanted no token
+
+
 def test_seeded_penalized_sampling_is_the_same_after_a_replay_and_from_a_cached_prefix(checkpoint):
     """The last stage loses its histories and a step fails: the sequence is replayed and draws the
     same tokens; a prompt whose prefix is cached samples from a history sent with its step."""

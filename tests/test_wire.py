@@ -166,6 +166,10 @@ def test_forged_results_change_no_one_s_tokens(checkpoint):
     ("penalties without the row's tokens", frame(dict(step_header(["x:1"]), want=[2],
                                                       sampling=[{"key": 1, "frequency_penalty": 1.0}]), TOKEN)),
     ("an unknown spec field", frame(dict(step_header(["x:1"]), want=[2], sampling=[{"key": 1, "x": 0}]), TOKEN)),
+    ("scoring without all_logits", frame(dict(step_header(["x:1"]), want=[1], sampling=[None],
+                                              scoring=[[0, [5]]]), TOKEN)),
+    ("scoring more targets than tokens", frame(dict(step_header(["x:1"]), all_logits=True, want=[0],
+                                                    sampling=[None], scoring=[[0, [5, 6]]]), TOKEN)),
     ("route through a stranger", frame(step_header(["10.9.9.9:1"]), TOKEN)),
 ])
 def test_even_an_authenticated_peer_cannot_send_a_malformed_message(checkpoint, name, data):
