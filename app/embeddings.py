@@ -77,6 +77,7 @@ class Embedder:
     Args:
         replicas: returns the stage replicas that serve now (`app.sequence.Replica`, e.g. the
             engine's `replicas.values()`).
+        num_stages: stages in the pipeline.
         pipeline: the data plane.
         max_batch_size: texts per step.
         max_num_batched_tokens: tokens per step, padding included (a text longer than that
@@ -86,9 +87,9 @@ class Embedder:
         recover: awaited after a failed step: looks for the stages again (None: nothing).
     """
 
-    def __init__(self, replicas, pipeline: PipelineClient, max_batch_size: int, max_num_batched_tokens: int,
-                 step_timeout_s: float = 60.0, max_step_failures: int = 3, recover=None):
-        self.replicas, self.pipeline, self.recover = replicas, pipeline, recover
+    def __init__(self, replicas, num_stages: int, pipeline: PipelineClient, max_batch_size: int,
+                 max_num_batched_tokens: int, step_timeout_s: float = 60.0, max_step_failures: int = 3, recover=None):
+        self.replicas, self.num_stages, self.pipeline, self.recover = replicas, num_stages, pipeline, recover
         self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
         self.step_timeout_s, self.max_step_failures = step_timeout_s, max_step_failures
         self.in_flight: Counter[str] = Counter()  # steps in flight per replica id
@@ -122,7 +123,7 @@ class Embedder:
         for replica in self.replicas():
             if not replica.draining:
                 by_stage.setdefault(replica.stage, []).append(replica)
-        if not by_stage or sorted(by_stage) != list(range(max(by_stage) + 1)):
+        if sorted(by_stage) != list(range(self.num_stages)):
             return None
         return [min(by_stage[stage], key=lambda r: self.in_flight[r.id]).id for stage in sorted(by_stage)]
 

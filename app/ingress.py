@@ -74,7 +74,8 @@ class Ingress:
                              on_drained=lambda replica: self.pipeline.release(replica.address),
                              metrics=self.metrics)
         # an encoder's texts go through the same replicas, found and recovered the same way
-        self.embedder = Embedder(lambda: self.engine.replicas.values(), self.pipeline, engine_config.max_batch_size,
+        self.embedder = Embedder(lambda: self.engine.replicas.values(), len(stages), self.pipeline,
+                                 engine_config.max_batch_size,
                                  engine_config.max_num_batched_tokens, engine_config.step_timeout_s,
                                  engine_config.max_step_failures, recover=self.find_stages) \
             if self.model.task == "embed" else None

@@ -78,7 +78,7 @@ def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model"
     pipeline = PipelineClient(secret)
     engine = Engine(pipeline, config, len(servers))
     engine.set_replicas(replicas_of(servers, config.max_batch_size))
-    embedder = Embedder(lambda: engine.replicas.values(), pipeline, config.max_batch_size,
+    embedder = Embedder(lambda: engine.replicas.values(), len(servers), pipeline, config.max_batch_size,
                         config.max_num_batched_tokens) if info.task == "embed" else None
     try:
         app = create_app(engine, info, api_keys=api_keys, embedder=embedder)

@@ -119,3 +119,22 @@ def test_serve_run_picks_the_encoder_path_and_the_openai_client_embeds(minilm):
             client.completions.create(model="all-MiniLM-L6-v2", prompt="hi")
         health = server.get("/health")
         assert [s["state"] for s in health["stages"]] == ["ready"] * 3, health
+
+
+def test_a_failed_embedding_step_is_sent_again_and_a_missing_stage_is_a_503(minilm):
+    with local_app(minilm, SPLITS[2], name="m") as (client, engine, servers):
+        last, calls = servers[-1].stage, []
+        forward = last.forward
+
+        def fail_once(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("simulated failure of the last stage")
+            return forward(*args)
+
+        last.forward = fail_once
+        r = client.post("/v1/embeddings", json={"model": "m", "input": SENTENCES[:2]})
+        assert r.status_code == 200 and len(calls) == 2, r.text
+        engine.set_replicas([r for r in engine.replicas.values() if r.stage == 0])  # the last stage is gone
+        r = client.post("/v1/embeddings", json={"model": "m", "input": "hi"})
+        assert r.status_code == 503 and "Stage1 has no replica" in r.json()["error"]["message"], r.text
