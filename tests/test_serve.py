@@ -43,7 +43,10 @@ def stream_text(server: ServeRun, body: dict) -> tuple[str, list[dict], list[flo
     return "".join(c["choices"][0]["text"] for c in chunks if c["choices"]), chunks, times
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2", "mistral"])
+# Every architecture is checked in one process (`test_api`); through `serve run`, two in the
+# default suite and the other two with `-m slow` (each start is about 30 s).
+@pytest.fixture(scope="module", params=["llama", "gpt2", pytest.param("qwen2", marks=pytest.mark.slow),
+                                        pytest.param("mistral", marks=pytest.mark.slow)])
 def served(request, checkpoint):
     model_dir = checkpoint(request.param)
     with ServeRun({"model": model_dir, "num_stages": 3, "max_model_len": 512}) as server:
