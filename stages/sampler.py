@@ -207,10 +207,12 @@ class Sampler:
 
     Args:
         max_histories: sequences whose history is kept (least recently sampled dropped first; a
-            dropped one that samples again without its history gets `FAILED`).
+            dropped one that samples again without its history gets `FAILED`). Only sequences
+            with penalties have one, 8 bytes a token: 1,024 of 4,096 tokens are 32 MiB at most,
+            and a replica holds `max_batch_size` sequences at once (16 by default).
     """
 
-    def __init__(self, max_histories: int = 4096):
+    def __init__(self, max_histories: int = 1024):
         self.max_histories = max_histories
         self._histories: OrderedDict[int, array] = OrderedDict()
 
