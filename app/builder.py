@@ -159,11 +159,11 @@ def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
     from stages.encoder import is_encoder, read_encoder_config
 
     config = AutoConfig.from_pretrained(model_dir)
-    limit = getattr(config, "max_position_embeddings", None) or 4096
-    if is_encoder(config):  # its longest input, as its checkpoint says (sentence-transformers' max_seq_length)
-        limit = read_encoder_config(model_dir).max_seq_length
+    encoder = is_encoder(config)  # no KV cache; its longest input is its checkpoint's max_seq_length
+    limit = read_encoder_config(model_dir).max_seq_length if encoder else \
+        getattr(config, "max_position_embeddings", None) or 4096
     max_model_len = min(args.max_model_len or min(limit, 4096), limit)
-    if pool_tokens(args) < max_model_len and not is_encoder(config):
+    if pool_tokens(args) < max_model_len and not encoder:
         raise ValueError(f"plan_kv_tokens ({args.plan_kv_tokens}) must hold at least one sequence of max_model_len "
                          f"({max_model_len}) tokens: raise it, or lower max_model_len")
     return EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_model_len,

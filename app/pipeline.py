@@ -12,7 +12,7 @@ import torch
 
 from app import wire
 from app.transport import Connections, HandshakeFailed, connect_authenticated, listen, serve_connections
-from stages.sampler import SamplingSpec
+from stages.sampler import SamplingSpec, answer_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +112,7 @@ class PipelineClient:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            scored = [entry for entry in scoring if entry is not None]
-            sizes = (len(starts) + sum(len(targets) for _, targets in scored),
-                     sum(max(spec.logprobs, 0) for spec in sampling if spec is not None)
-                     + sum(k * len(targets) for k, targets in scored)) if want else None
+            sizes = answer_sizes(sampling, scoring) if want else None
             self._pending[step_id] = (loop, future, frozenset(route), len(starts), sizes)
         message = wire.Step(step_id, tuple(route[1:]) + (self.reply_address,),
                             tuple(tuple(map(tuple, stage)) for stage in tables),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
-from stages.sampler import FAILED, GREEDY_BELOW, Sampled, SamplingSpec
+from stages.sampler import FAILED, GREEDY_BELOW, Sampled, SamplingSpec, answer_sizes
 
 if TYPE_CHECKING:
     from app.sequence import Sequence
@@ -95,8 +95,7 @@ class Choice:
 def scored_prompts(sampled: Sampled, specs: tuple, scoring: tuple) -> dict[int, list[tuple[float, list | None]]]:
     """Per row that scored its prompt (`scoring`), (log-probability, alternatives or None) of each
     token its positions predicted, from the last stage's answer (after the rows' own entries)."""
-    at = len(specs)
-    top_at = sum(max(spec.logprobs, 0) for spec in specs if spec is not None)
+    at, top_at = answer_sizes(specs)  # where the rows' own entries end
     out = {}
     for i, entry in enumerate(scoring):
         if entry is None:

@@ -94,14 +94,16 @@ class SamplingSpec:
               and isinstance(v["logit_bias"], (list, tuple))
               and all(isinstance(p, (list, tuple)) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < vocab
                       and type(p[1]) in num for p in v["logit_bias"]))
-        if not ok or (v["ids"] is None) != (v["presence_penalty"] == v["frequency_penalty"] == 0
-                                            and v["repetition_penalty"] == 1):
+        if not ok:
             raise ValueError("sampling: a field is missing, of the wrong type or out of range")
         v["stop_token_ids"] = tuple(v["stop_token_ids"])
         v["logit_bias"] = tuple((int(i), float(b)) for i, b in v["logit_bias"])
         for k in ("ids", "history"):
             v[k] = None if v[k] is None else tuple(v[k])
-        return cls(**v)
+        spec = cls(**v)
+        if (spec.ids is not None) != spec.penalized:
+            raise ValueError("sampling: a row's tokens come with penalties, and only with them")
+        return spec
 
 
 def _ids(value: object, vocab: int, length: int | None = None) -> bool:
@@ -109,6 +111,21 @@ def _ids(value: object, vocab: int, length: int | None = None) -> bool:
         return True
     return (isinstance(value, (list, tuple)) and (length is None or len(value) == length)
             and all(type(i) is int and 0 <= i < vocab for i in value))
+
+
+def answer_sizes(specs: tuple[SamplingSpec | None, ...], scoring: tuple = ()) -> tuple[int, int]:
+    """How many log-probabilities and alternatives a step's answer (`Sampler.answer`) holds: one
+    log-probability per row, then one per scored target; each sampled row's `logprobs`
+    alternatives, then `num_top` per scored target.
+
+    Args:
+        specs: per row, its `SamplingSpec` or None.
+        scoring: per row None or (num_top, targets).
+    """
+    scored = [entry for entry in scoring if entry is not None]
+    return (len(specs) + sum(len(targets) for _, targets in scored),
+            sum(max(spec.logprobs, 0) for spec in specs if spec is not None)
+            + sum(num_top * len(targets) for num_top, targets in scored))
 
 
 class Sampled(NamedTuple):
