@@ -149,6 +149,7 @@ class StageServer:
             else:
                 out = self.stage(step.inputs, [list(t) for t in tables[0]], list(step.starts), list(step.num_new),
                                  all_logits=step.all_logits, rows=rows)
+            answer = result(step, out, self.sampler) if len(route) == 1 else None  # the last stage's tokens
         except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
             logger.exception("step %s failed", step.step)
             if self.metrics is not None:
@@ -166,7 +167,7 @@ class StageServer:
             sent = self._send(route[0], wire.Step(step.step, route[1:], tables[1:], step.starts, step.num_new,
                                                   step.all_logits, out, step.want, step.sampling, step.scoring))
         else:
-            sent = self._send(route[0], result(step, out, self.sampler))
+            sent = self._send(route[0], answer)
         if not sent and len(route) > 1:
             # The next stage is gone: tell the ingress now rather than let it time out.
             self._send(route[-1], wire.Error(step.step, f"stage at {route[0]} unreachable"))

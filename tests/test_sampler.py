@@ -5,6 +5,7 @@ the rows that asked. Pure PyTorch, then through the engine in one process (no Ra
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -106,4 +107,24 @@ def test_seeded_penalized_sampling_is_the_same_after_a_replay_and_from_a_cached_
 
         last.stage.forward = fail_once
         assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == first
+        assert engine.stats["recoveries"] >= 1
+
+
+def test_a_last_stage_whose_sampling_fails_reports_the_step_at_once(checkpoint):
+    """Not a silent step that the ingress waits out (`step_timeout_s`): an error, a replay, the answer."""
+    with local_app(checkpoint("llama"), TWO, step_timeout_s=30) as (client, engine, servers):
+        sampler, answer = servers[-1].sampler, servers[-1].sampler.answer
+        calls = []
+
+        def fail_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("simulated sampling failure")
+            return answer(*args, **kwargs)
+
+        sampler.answer = fail_once
+        began = time.monotonic()
+        r = client.post("/v1/completions", json={"model": "model", "prompt": "the city", "max_tokens": 4,
+                                                 "temperature": 0.7, "seed": 1})
+        assert r.status_code == 200 and time.monotonic() - began < 15, r.text
         assert engine.stats["recoveries"] >= 1
