@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from app.errors import BadRequest, Unavailable, parse_json_body
-from app.pipeline import PipelineClient, StepFailed
+from app.pipeline import PipelineClient, StepFailed, step_inputs
 from app.protocol import is_int, validate_token_ids
 from app.serving import Serving
 
@@ -93,7 +93,6 @@ class Embedder:
         self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
         self.step_timeout_s, self.max_step_failures = step_timeout_s, max_step_failures
         self.in_flight: Counter[str] = Counter()  # steps in flight per replica id
-        self.stats = {"steps": 0, "texts": 0, "tokens": 0, "failed_steps": 0}
 
     async def embed(self, texts: list[list[int]]) -> torch.Tensor:
         """(N, H) float32: one vector per text (token ids), in order.
@@ -117,41 +116,35 @@ class Embedder:
                 batch.append(text)
         return out
 
-    def _route(self) -> list[str] | None:
-        """A replica id per stage, the least busy of each (None: a stage has none)."""
+    def _route(self) -> list | None:
+        """A replica per stage, the least busy of each (None: a stage has none)."""
         by_stage: dict[int, list] = {}
         for replica in self.replicas():
             if not replica.draining:
                 by_stage.setdefault(replica.stage, []).append(replica)
         if sorted(by_stage) != list(range(self.num_stages)):
             return None
-        return [min(by_stage[stage], key=lambda r: self.in_flight[r.id]).id for stage in sorted(by_stage)]
+        return [min(by_stage[stage], key=lambda r: self.in_flight[r.id]) for stage in sorted(by_stage)]
 
     async def _step(self, batch: list[list[int]]) -> torch.Tensor:
-        width = max(map(len, batch))
-        inputs = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, text in enumerate(batch):
-            inputs[i, :len(text)] = torch.tensor(text)
+        inputs = step_inputs(batch, packed=False)  # whole texts, right-padded
         failure = "no replica of every stage is ready"
         for attempt in range(self.max_step_failures):
             route = self._route()
             if route is not None:
-                addresses = {r.id: r.address for r in self.replicas()}
-                self.in_flight.update(route)
+                ids = [replica.id for replica in route]
+                self.in_flight.update(ids)
                 try:
                     result = await self.pipeline.step(
-                        [addresses[r] for r in route], inputs, [[[] for _ in batch] for _ in route], [0] * len(batch),
-                        [len(text) for text in batch], timeout=self.step_timeout_s)
-                    self.stats.update(steps=self.stats["steps"] + 1, texts=self.stats["texts"] + len(batch),
-                                      tokens=self.stats["tokens"] + sum(map(len, batch)))
+                        [replica.address for replica in route], inputs, [[[] for _ in batch] for _ in route],
+                        [0] * len(batch), [len(text) for text in batch], timeout=self.step_timeout_s)
                     return result.logits
-                except (StepFailed, KeyError) as exc:
+                except StepFailed as exc:
                     failure = str(exc)
-                    self.stats["failed_steps"] += 1
                     logger.warning("embedding step failed (%s); attempt %d of %d", exc, attempt + 1,
                                    self.max_step_failures)
                 finally:
-                    self.in_flight.subtract(route)
+                    self.in_flight.subtract(ids)
             if self.recover is not None:
                 await self.recover()
         raise StepFailed(failure)
