@@ -175,6 +175,34 @@ class BlockPool:
             table.last_hash = chain  # an equal block cached already: this one stays private
         table.num_cached_blocks = max(table.num_cached_blocks, full)
 
+    def fork(self, table: BlockTable) -> BlockTable:
+        """A second table of the same blocks (a beam continuing another): each is shared until
+        one of the two writes into it (`unshare`)."""
+        for block in table.blocks:
+            self._take(block)
+        return BlockTable(list(table.blocks), table.num_cached_blocks, table.last_hash)
+
+    def unshare(self, table: BlockTable, start: int, end: int) -> list[tuple[int, int]] | None:
+        """Copy-on-write before `table` writes tokens `start .. end`: each block of that span that
+        another table shares (a fork's, not a cached prefix's, which holds the same tokens) is
+        replaced by a new block; returns the (source, copy) pairs the stage copies first, or None
+        (nothing changed) when the pool has too few free blocks."""
+        size = self.block_size
+        shared = [index for index in range(start // size, min(-(-end // size), len(table.blocks)))
+                  if self._refs[table.blocks[index]] > 1 and self._hash_of[table.blocks[index]] is None]
+        if len(shared) > len(self._free):
+            return None
+        copies = []
+        for index in shared:
+            source = table.blocks[index]
+            block = self._next_block(table.blocks[index - 1] if index else None, 1)
+            self._evict(block)
+            self._take(block)
+            self._refs[source] -= 1
+            table.blocks[index] = block
+            copies.append((source, block))
+        return copies
+
     def release(self, table: BlockTable) -> None:
         """Gives back every block of `table` (last block first, so that a prefix's head is evicted
         last) and empties it."""

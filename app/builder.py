@@ -41,6 +41,8 @@ class BuilderArgs(BaseModel):
                                               "that carries decoding sequences (0: no cap)")
     num_microbatches: int = Field(1, ge=1, le=64, description="steps in flight at once")
     max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
+    max_beam_width: int = Field(8, ge=1, le=16, description="the widest beam search (use_beam_search) a request "
+                                                            "may ask for (its n)")
     step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
     max_step_failures: int = Field(3, ge=1, description="failed steps in a row before a sequence fails")
     node_grace_period_s: float = Field(30.0, ge=0, description="a planned stage's node may be gone this long "
@@ -171,7 +173,8 @@ def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
                         long_prefill_token_threshold=args.long_prefill_token_threshold,
                         num_microbatches=args.num_microbatches,
                         max_queued_requests=args.max_queued_requests, step_timeout_s=args.step_timeout_s,
-                        max_step_failures=args.max_step_failures, prefix_caching=args.enable_prefix_caching)
+                        max_step_failures=args.max_step_failures, prefix_caching=args.enable_prefix_caching,
+                        max_beam_width=args.max_beam_width)
 
 
 def wire_limits(args: BuilderArgs, config: EngineConfig):

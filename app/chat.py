@@ -239,6 +239,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
     async def chat_completions(request: Request):
         body = await parse_json_body(request, ChatRequest)
         serving.admit(body.model)
+        body.check_beam_search(serving.engine.config.beam_width_cap, logprobs=body.logprobs)
         ids = render(model, body.messages, body.add_generation_prompt, body.continue_final_message,
                      body.chat_template_kwargs)
         if body.budget is not None and body.min_tokens > body.budget:

@@ -194,6 +194,8 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
     async def completions(request: Request):
         body = await parse_json_body(request, CompletionRequest)
         serving.admit(body.model)
+        body.check_beam_search(serving.engine.config.beam_width_cap, best_of=body.best_of is not None,
+                               logprobs=body.logprobs is not None, echo=body.echo)
         prompts = tokenize_prompts(body, model)
         rank = body.num_candidates > body.n
         params = [body.sampling_params(resolve_max_tokens(len(ids), body.max_tokens, model.max_model_len),

@@ -24,12 +24,14 @@ import logging
 import time
 
 from app import wire
+from app.beam import BeamGroup
 from app.metrics import IngressMetrics
-from app.pipeline import StepFailed, step_inputs
+from app.step import build_step
+from app.pipeline import StepFailed
 from app.replicas import ReplicaPool
-from app.sampling import Choice, choices, extend_prompt_logprobs, sampling_spec, scored_prompts
+from app.sampling import Choice, choices, extend_prompt_logprobs, scored_prompts
 from app.scheduler import Scheduler
-from app.sequence import WANT_SAMPLE, EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
+from app.sequence import EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
 
 __all__ = ["Engine", "EngineConfig", "Overloaded", "Replica", "Row", "Sequence", "TooLong"]
 
@@ -251,23 +253,10 @@ class Engine:
 
     async def _step(self, route: tuple[str, ...], rows: list[Row], epoch: int
                     ) -> tuple[Exception | None, list[Row]]:
-        all_logits = any(row.seq.needs_all_logits for row in rows)
-        # rows of unequal lengths (decode rows beside prompt chunks) go packed, unless every
-        # position's logits come back
-        packed = len({row.num_new for row in rows}) > 1 and not all_logits
-        inputs = step_inputs([row.seq.tokens[row.start:row.start + row.num_new] for row in rows], packed)
-        tables = [[row.seq.tables[stage].blocks for row in rows] for stage in range(len(route))]
-        want = tuple(row.want for row in rows)
-        specs = tuple(sampling_spec(row.seq, row.start, row.num_new, route) if w == WANT_SAMPLE else None
-                      for row, w in zip(rows, want))
-        # an echo's prompt is scored on the last stage: each position's next prompt token
-        scoring = tuple((r.seq.params.logprobs or 0, tuple(r.seq.prompt_ids[r.start + 1:r.start + r.num_new + 1]))
-                        if r.seq.needs_all_logits else None for r in rows) if all_logits else ()
+        step = build_step(rows, route)
         try:
             addresses = [self.replicas[replica_id].address for replica_id in route]
-            result = await self.pipeline.step(addresses, inputs, tables, [r.start for r in rows],
-                                              [r.num_new for r in rows], all_logits=all_logits, want=want,
-                                              sampling=specs, scoring=scoring, timeout=self.config.step_timeout_s)
+            result = await self.pipeline.step(addresses, **step.kwargs(), timeout=self.config.step_timeout_s)
         except (StepFailed, KeyError) as exc:
             self._drop_rows(rows)
             return (exc if isinstance(exc, StepFailed) else StepFailed(f"replica {exc} went away")), rows
@@ -277,7 +266,7 @@ class Engine:
         for row in rows:
             row.seq.step_failures = 0
         if epoch == self._epoch:
-            self._finish_step(rows, result, specs, scoring, route)
+            self._finish_step(rows, result, step.sampling, step.scoring, route)
         else:
             self._drop_rows(rows)
         return None, rows
@@ -319,7 +308,10 @@ class Engine:
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.metrics.first_token(now - seq.arrival)
-            self._append(seq, choice)
+            if seq.beam is None:
+                self._append(seq, choice)
+            elif seq.beam.report(seq, choice):
+                self._advance_beams(seq.beam)
         self.metrics.generated_tokens(sum(not isinstance(c, Exception) for _, c in chosen))
 
     def _append(self, seq: Sequence, choice: Choice) -> None:
@@ -328,6 +320,21 @@ class Engine:
         seq.events.put_nowait(("token", seq, choice))
         if reason is not None:
             self._finish(seq, reason)
+
+    def _advance_beams(self, group: BeamGroup) -> None:
+        """Every running beam of `group` has its next tokens: the search picks the beams that go
+        on, and each slot takes its beam's tokens and a fork of its KV blocks (on another route, a
+        replay); once the search is done, slot i gets the i-th best hypothesis as its output."""
+        picks = group.advance()
+        if group.search.done:
+            for seq, hypothesis in zip(group.seqs, group.search.best()):
+                seq.output_ids = list(hypothesis.tokens)
+                for token in hypothesis.tokens:
+                    seq.events.put_nowait(("token", seq, Choice(token)))
+                self._finish(seq, "stop" if hypothesis.ended else "length")
+            return
+        group.continue_beams(picks, self.pool)
+        self._wake.set()
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

@@ -13,6 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from app.beam import BeamGroup, BeamSearch
 from app.detokenizer import IncrementalDetokenizer, StopChecker
 from app.engine import Engine, Sequence
 from app.protocol import UsageInfo, random_id
@@ -115,6 +116,11 @@ class Generation:
                 detok = IncrementalDetokenizer(model.tokenizer, ids, prompt_params.skip_special_tokens)
                 stops = StopChecker(prompt_params.stop, prompt_params.include_stop_str_in_output)
                 self.states.append(ChoiceState(seq, detok, stops))
+            if prompt_params.beam_width:  # the prompt's sequences are the beams of one search
+                BeamGroup([state.seq for state in self.states[-num_candidates:]],
+                          BeamSearch(num_candidates, prompt_params.max_tokens, prompt_params.stop_token_ids,
+                                     prompt_params.length_penalty, prompt_params.early_stopping,
+                                     prompt_params.min_tokens))
 
     def start(self) -> None:
         """Queues the sequences (an echo of max_tokens 0 without logprobs needs no compute).
@@ -127,7 +133,7 @@ class Generation:
             if seq.params.max_tokens == 0 and not seq.prompt_logprobs:
                 seq.finish_reason = "length"
                 self.events.put_nowait(("finished", seq, "length"))
-            else:
+            elif not seq.parked:  # a beam search's other sequences come in with its first
                 self.engine.add(seq)
 
     def abort(self) -> None:

@@ -85,7 +85,7 @@ class PipelineClient:
     async def step(self, route: list[str], inputs: torch.Tensor, tables: list[list[list[int]]], starts: list[int],
                    num_new: list[int], *, all_logits: bool = False, want: tuple[int, ...] = (),
                    sampling: tuple[SamplingSpec | None, ...] = (), scoring: tuple = (),
-                   timeout: float | None = None) -> wire.Result:
+                   copies: list[list[tuple[int, int]]] | None = None, timeout: float | None = None) -> wire.Result:
         """Runs one batched step through one replica of every stage.
 
         Args:
@@ -99,6 +99,8 @@ class PipelineClient:
             sampling: with `want`, per row, how a WANT_SAMPLE row samples (None for the others).
             scoring: with `want` and `all_logits`, per row None or (alternatives, the token ids its
                 positions predict): the rows that score their prompt (echo).
+            copies: for each stage of the route, (source, destination) KV blocks to copy before
+                the step (a beam's blocks, see `app.blocks.BlockPool.unshare`).
             timeout: seconds to wait for the result before the step counts as failed.
 
         Returns:
@@ -117,7 +119,8 @@ class PipelineClient:
         message = wire.Step(step_id, tuple(route[1:]) + (self.reply_address,),
                             tuple(tuple(map(tuple, stage)) for stage in tables),
                             tuple(starts), tuple(num_new), all_logits, inputs, tuple(want), tuple(sampling),
-                            tuple(scoring))
+                            tuple(scoring), tuple(tuple(map(tuple, stage)) for stage in copies) if any(copies or ())
+                            else ())
         try:
             await asyncio.to_thread(self._out.send, route[0], message)
             return await asyncio.wait_for(future, timeout)

@@ -30,6 +30,7 @@ from pydantic import (
     StrictStr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from app.errors import BadRequest
@@ -96,11 +97,22 @@ class SamplingRequest(BaseModel):
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    use_beam_search: StrictBool = False  # vLLM's: `n` beams, best first
+    length_penalty: StrictFloat = 1.0
+    early_stopping: Union[StrictBool, Literal["never"]] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _beam_search_is_greedy(cls, data: Any) -> Any:
+        # beam search ranks by the model's own log-probabilities: its temperature defaults to 0
+        if isinstance(data, dict) and data.get("use_beam_search") is True and data.get("temperature") is None:
+            data = {**data, "temperature": 0.0}
+        return data
 
     @field_validator(
         "min_tokens", "temperature", "top_p", "n", "stream", "presence_penalty",
         "frequency_penalty", "repetition_penalty", "ignore_eos", "skip_special_tokens",
-        "include_stop_str_in_output",
+        "include_stop_str_in_output", "use_beam_search", "length_penalty", "early_stopping",
         mode="before",
     )
     @classmethod
@@ -183,6 +195,25 @@ class SamplingRequest(BaseModel):
         """Whether a stream ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def check_beam_search(self, max_width: int, **others: Any) -> None:
+        """Refuses what beam search does not take (as vLLM does: streaming, sampling), and what
+        it does not take here (penalties, log-probabilities, `others`: field -> value given).
+
+        Raises:
+            BadRequest: naming the first such field.
+        """
+        if not self.use_beam_search:
+            return
+        refused = {"stream": self.stream, "temperature": self.temperature > 0, "n": self.n > max_width,
+                   "presence_penalty": self.presence_penalty != 0, "frequency_penalty": self.frequency_penalty != 0,
+                   "repetition_penalty": self.repetition_penalty != 1, "logit_bias": bool(self.logit_bias),
+                   "max_tokens": self.max_tokens == 0, **others}
+        for param, bad in refused.items():
+            if bad:
+                what = (f"n (the beam width) must be at most {max_width} on this server" if param == "n"
+                        else f"{param} is not supported with use_beam_search")
+                raise BadRequest(what, param=param)
+
     def sampling_params(self, max_tokens: int, eos_token_ids: tuple[int, ...], logprobs: Optional[int] = None,
                         rank_by_logprob: bool = False) -> SamplingParams:
         """The engine's parameters for one prompt of this request.
@@ -200,7 +231,9 @@ class SamplingRequest(BaseModel):
             logit_bias=self.logit_bias_ids, seed=self.seed, logprobs=logprobs, rank_by_logprob=rank_by_logprob,
             ignore_eos=self.ignore_eos, stop=tuple(self.stop_list),
             stop_token_ids=() if self.ignore_eos else eos_token_ids,
-            include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens)
+            include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
+            beam_width=self.n if self.use_beam_search else 0, length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping)
 
 
 def validate_token_ids(ids: Iterable[Any], vocab_size: int, param: str = "prompt") -> None:

@@ -56,12 +56,14 @@ class ReplicaPool:
         if replica_id in self.free:
             heapq.heappush(self.free[replica_id], slot)
 
-    def release(self, seq: Sequence, stage: int | None = None) -> None:
-        """Gives back a sequence's slot and blocks on every replica of its route (or one stage's)."""
+    def release(self, seq: Sequence, stage: int | None = None, slots: bool = True) -> None:
+        """Gives back a sequence's slot and blocks on every replica of its route (or one stage's;
+        its blocks only, without `slots`)."""
         stages = range(len(seq.route)) if stage is None else [stage]
         for i in stages:
             replica_id = seq.route[i]
-            self.free_slot(replica_id, seq.slots[i])
+            if slots:
+                self.free_slot(replica_id, seq.slots[i])
             if replica_id in self.blocks:
                 self.blocks[replica_id].release(seq.tables[i])
 
@@ -69,6 +71,17 @@ class ReplicaPool:
         """Gives the sequence blocks for `num_tokens` on every replica of its route; False when one
         has too few free (blocks taken on the others stay with the sequence)."""
         return all([self.blocks[r].grow(table, num_tokens) for r, table in zip(seq.route, seq.tables)])
+
+    def fork(self, seq: Sequence) -> list[BlockTable]:
+        """Tables sharing every block of the sequence's on its route (see `BlockPool.fork`)."""
+        return [self.blocks[r].fork(table) for r, table in zip(seq.route, seq.tables)]
+
+    def unshare(self, seq: Sequence, start: int, end: int) -> list[list[tuple[int, int]]] | None:
+        """Copy-on-write on every replica of the route before the sequence writes tokens `start ..
+        end`: per stage, the (source, copy) block pairs to copy first; None when a replica has
+        too few free blocks (the blocks unshared on the others stay unshared)."""
+        copies = [self.blocks[r].unshare(table, start, end) for r, table in zip(seq.route, seq.tables)]
+        return None if None in copies else copies
 
     def cache_computed(self, seq: Sequence) -> None:
         """Registers the blocks its computed tokens have filled, for sequences with the same prefix."""

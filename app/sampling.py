@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
+from app.beam import num_alternatives
 from stages.sampler import FAILED, GREEDY_BELOW, Sampled, SamplingSpec, answer_sizes
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ class SamplingParams:
         stop_token_ids: token ids that end it (EOS included unless ignore_eos).
         include_stop_str_in_output: keep the stop string in the text.
         skip_special_tokens: leave special tokens out of the text.
+        beam_width: > 0: the request's `n` sequences are the beams of one beam search
+            (`app.beam`), which ranks its continuations by their log-probabilities.
+        length_penalty, early_stopping: the beam search's (see `app.beam.BeamSearch`).
     """
 
     max_tokens: int = 16
@@ -66,6 +70,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    beam_width: int = 0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     @property
     def greedy(self) -> bool:
@@ -74,7 +81,14 @@ class SamplingParams:
     @property
     def needs_logprob(self) -> bool:
         """The sampled token's log-probability is wanted (reported, or for ranking)."""
-        return self.logprobs is not None or self.rank_by_logprob
+        return self.logprobs is not None or self.rank_by_logprob or self.beam_width > 0
+
+    @property
+    def num_top(self) -> int:
+        """The most likely tokens the last stage returns besides the sampled one."""
+        if self.beam_width:
+            return num_alternatives(self.beam_width, len(self.stop_token_ids))
+        return self.logprobs or 0
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -129,7 +143,7 @@ def sampling_spec(seq: Sequence, start: int, num_new: int, route: tuple[str, ...
                         stop_token_ids=params.stop_token_ids, presence_penalty=params.presence_penalty,
                         frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
                         logit_bias=tuple(params.logit_bias.items()),
-                        logprobs=-1 if not params.needs_logprob else params.logprobs or 0)
+                        logprobs=-1 if not params.needs_logprob else params.num_top)
     if not spec.penalized:
         return spec
     tokens = seq.tokens
@@ -152,5 +166,6 @@ def choices(sampled: Sampled, specs: list[SamplingSpec | None], rows: list[tuple
         else:
             at = offsets[i]
             top = list(zip(sampled.top_ids[at:at + num_top].tolist(), sampled.top_logprobs[at:at + num_top].tolist()))
-            out.append(Choice(token, float(sampled.logprobs[i]), None if params.logprobs is None else top))
+            out.append(Choice(token, float(sampled.logprobs[i]), None if params.logprobs is None and not
+                              params.beam_width else top))
     return out

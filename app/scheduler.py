@@ -37,13 +37,17 @@ class Scheduler:
     def admit(self, waiting: list[Sequence], running: list[Sequence], pool: ReplicaPool) -> None:
         """Moves waiting sequences to `running`, first come first served, while every stage has a
         usable replica with a free slot and blocks for the sequence's tokens: each gets the replica
-        with the most free slots."""
+        with the most free slots. A beam search's sequences are admitted together, on one route
+        (the first computes the prompt; the others wait for its first step, see `app.beam`)."""
         while waiting:
             route = [pool.best(stage) for stage in range(self.num_stages)]
             if None in route:
                 return
             seq = waiting[0]
             route = tuple(route)
+            group = seq.beam.seqs[1:] if seq.beam is not None else []
+            if any(len(pool.free[r]) <= len(group) for r in route):
+                return
             # Sequences that report prompt log-probabilities compute their whole prompt.
             tables, cached = (pool.match_prefix(route, seq.tokens) if not seq.prompt_logprobs
                               else ([BlockTable() for _ in route], 0))
@@ -53,6 +57,10 @@ class Scheduler:
                 seq.route = seq.tables = seq.slots = None
                 return
             waiting.pop(0)
+            for other in group:
+                other.route, other.tables = route, [BlockTable() for _ in route]
+                other.slots, other.num_cached = [pool.take_slot(r) for r in route], 0
+                running.append(other)
             seq.num_cached = cached
             self.cached_tokens += cached
             self.queried_tokens += len(seq.tokens) if pool.prefix_caching and not seq.prompt_logprobs else 0
@@ -73,7 +81,7 @@ class Scheduler:
         routes = {seq.route for seq in running}
         self._last_kind = {route: kind for route, kind in self._last_kind.items() if route in routes}
         for seq in running:
-            if (not seq.in_flight and not seq.finished and seq.num_pending > 0
+            if (not seq.in_flight and not seq.finished and seq.num_pending > 0 and not seq.parked
                     and all(replica_id in present for replica_id in seq.route)):
                 by_route.setdefault(seq.route, []).append(seq)
         for route, ready in by_route.items():
@@ -91,13 +99,14 @@ class Scheduler:
 
     def _blocks_for(self, row: Row, running: list[Sequence], waiting: list[Sequence], pool: ReplicaPool,
                     kept: list[Row]) -> bool:
-        """Whether the row's sequence has blocks for its tokens on every replica of its route,
-        pre-empting the most recently admitted sequences not in a step (nor kept for this one)
-        until it does."""
+        """Whether the row's sequence has blocks for its tokens on every replica of its route, and
+        blocks of its own where it writes into blocks a beam shares (`row.copies`), pre-empting the
+        most recently admitted sequences not in a step (nor kept for this one, nor beams, which
+        go on together) until it does."""
         seq, taken = row.seq, {id(r.seq) for r in kept}
-        while not pool.grow(seq, row.start + row.num_new):
+        while not self._claim(row, pool):
             victims = [s for s in running if not s.in_flight and s is not seq and s.route is not None
-                       and id(s) not in taken]
+                       and id(s) not in taken and s.beam is None]
             if not victims:
                 return False  # it waits for a step in flight to end
             victim = victims[-1]
@@ -108,6 +117,14 @@ class Scheduler:
             waiting.insert(0, victim)
             self.preempted.append(victim)
         return True
+
+    @staticmethod
+    def _claim(row: Row, pool: ReplicaPool) -> bool:
+        """Blocks for the row's tokens, its own where they go into blocks a beam shares."""
+        if not pool.grow(row.seq, row.start + row.num_new):
+            return False
+        row.copies = pool.unshare(row.seq, row.start, row.start + row.num_new)
+        return row.copies is not None
 
     def _next_batch(self, route: tuple[str, ...], ready: list[Sequence], running: list[Sequence]) -> list[Row]:
         """The rows of the route's next step, vLLM v1's chunked prefill: its decoding sequences

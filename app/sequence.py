@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import asyncio
 
+    from app.beam import BeamGroup
     from app.blocks import BlockTable
     from app.sampling import SamplingParams
 
@@ -38,6 +39,7 @@ class EngineConfig:
             successful recovery and a replay, before that sequence fails (a step that fails every
             time: an out-of-memory on one stage, a bad tensor).
         prefix_caching: sequences whose prompts start alike share the KV blocks of that prefix.
+        max_beam_width: the widest beam search a request may ask for (its `n`).
     """
 
     max_batch_size: int = 16
@@ -50,6 +52,12 @@ class EngineConfig:
     max_recoveries: int = 5
     max_step_failures: int = 3
     prefix_caching: bool = True
+    max_beam_width: int = 8
+
+    @property
+    def beam_width_cap(self) -> int:
+        """The widest beam search a request may ask for: each beam takes a batch slot."""
+        return min(self.max_beam_width, self.max_batch_size)
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class Sequence:
     in_flight: bool = False
     step_failures: int = 0  # steps in a row that failed with this sequence on them
     finish_reason: str | None = None
+    beam: BeamGroup | None = None  # the beam search it runs a beam of (`app.beam`)
+    parked: bool = False  # a beam slot waiting for the search's first step to give it a beam
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -145,6 +155,7 @@ class Row:
     seq: Sequence
     start: int
     num_new: int
+    copies: list[list[tuple[int, int]]] | None = None  # per stage, blocks to copy first (`BlockPool.unshare`)
 
     @property
     def want(self) -> int:

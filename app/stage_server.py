@@ -121,6 +121,9 @@ class StageServer:
                                    is_packed(message.inputs, message.num_new))
         except ValueError as exc:
             raise wire.WireError(f"step {message.step}: {exc}") from None
+        if message.copies and not self.stage.cache.can_copy(message.copies[0]):
+            raise wire.WireError(f"step {message.step}: its block copies are not within this stage's pool, or "
+                                 "copy into a block twice or into a block they copy")
         self.load.queued += 1
         self._inbox.put((message, rows, time.monotonic()))
 
@@ -147,6 +150,8 @@ class StageServer:
             if getattr(self.stage, "is_encoder", False):  # whole texts: `rows` is their attention mask
                 out = self.stage(step.inputs, rows)
             else:
+                if step.copies:
+                    self.stage.cache.copy_blocks(step.copies[0])
                 out = self.stage(step.inputs, [list(t) for t in tables[0]], list(step.starts), list(step.num_new),
                                  all_logits=step.all_logits, rows=rows)
             answer = result(step, out, self.sampler) if len(route) == 1 else None  # the last stage's tokens
@@ -165,7 +170,8 @@ class StageServer:
         load.last_step_at = done
         if len(route) > 1:
             sent = self._send(route[0], wire.Step(step.step, route[1:], tables[1:], step.starts, step.num_new,
-                                                  step.all_logits, out, step.want, step.sampling, step.scoring))
+                                                  step.all_logits, out, step.want, step.sampling, step.scoring,
+                                                  step.copies[1:]))
         else:
             sent = self._send(route[0], answer)
         if not sent and len(route) > 1:

@@ -82,6 +82,9 @@ class Step:
     # per row with `all_logits`: None, or (alternatives, the token ids its positions predict) of a
     # row that scores its prompt (echo with log-probabilities)
     scoring: tuple[tuple[int, tuple[int, ...]] | None, ...] = ()
+    # per stage from this one on, (source, destination) KV blocks to copy before the step (a
+    # beam that writes into blocks it shared with another); empty: none anywhere
+    copies: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     kind = "step"
 
@@ -157,7 +160,8 @@ def _fields_of(message: Message) -> dict:
                 "starts": list(message.starts), "num_new": list(message.num_new), "all_logits": message.all_logits,
                 "want": list(message.want),
                 "sampling": [spec.to_wire() if spec is not None else None for spec in message.sampling],
-                "scoring": [list(entry) if entry is not None else None for entry in message.scoring]}
+                "scoring": [list(entry) if entry is not None else None for entry in message.scoring],
+                "copies": [[list(pair) for pair in stage] for stage in message.copies]}
     if isinstance(message, Result):
         return {"step": message.step}
     if isinstance(message, Error):
@@ -286,8 +290,16 @@ def _step(header: dict, inputs: torch.Tensor, limits: Limits) -> Step:
         raise WireError("step: scoring, when given, is per row None or [alternatives, the token ids its positions "
                         "predict], in a step with all_logits")
     scoring = tuple(None if entry is None else (entry[0], tuple(entry[1])) for entry in scoring)
+    copies = header.get("copies", [])
+    if not isinstance(copies, list) or copies and len(copies) != len(route) or not all(
+            isinstance(stage, list) and len(stage) <= limits.max_rows * 64 and all(
+                isinstance(pair, list) and len(pair) == 2 and all(type(b) is int and 0 <= b < 1 << 24 for b in pair)
+                for pair in stage) for stage in copies):
+        raise WireError("step: copies, when given, are per stage left on the route a list of [source, "
+                        "destination] blocks")
+    copies = tuple(tuple((pair[0], pair[1]) for pair in stage) for stage in copies)
     return Step(header["step"], tuple(route), tables, starts, num_new, header.get("all_logits", False), inputs, want,
-                sampling, scoring)
+                sampling, scoring, copies)
 
 
 def _result(step: int, tensors: list[torch.Tensor]) -> Result:

@@ -141,6 +141,24 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def can_copy(self, pairs) -> bool:
+        """Whether (source, destination) block pairs lie in the pool, each destination written
+        once and never also a source."""
+        sources, targets = {s for s, _ in pairs}, [d for _, d in pairs]
+        return (all(0 <= b < self.num_blocks for pair in pairs for b in pair) and len(set(targets)) == len(targets)
+                and not sources & set(targets))
+
+    def copy_blocks(self, pairs) -> None:
+        """Copies each (source, destination) block's keys and values, in every layer (copy-on-write
+        of the blocks two beams shared, before one writes into its own)."""
+        if not pairs:
+            return
+        size = self.block_size
+        src = torch.cat([torch.arange(s * size, (s + 1) * size) for s, _ in pairs]).to(self.keys[0].device)
+        dst = torch.cat([torch.arange(d * size, (d + 1) * size) for _, d in pairs]).to(self.keys[0].device)
+        for pool in self.keys + self.values:
+            pool[0, :, dst] = pool[0, :, src]
+
     def begin_step(self, rows: PagedRows) -> None:
         self.rows = rows
 

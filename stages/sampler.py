@@ -28,6 +28,9 @@ GREEDY_BELOW = 1e-5
 # A row's token when it has none: its logits were not finite; it could not be sampled here (its
 # history was lost, a bias names a token beyond the logits).
 NOT_FINITE, FAILED = -1, -2
+# The most alternatives a row may ask for: 20 log-probabilities (the API's limit), or a beam
+# search's continuations (`app.beam.num_alternatives`).
+MAX_TOP = 64
 MASK64 = (1 << 64) - 1
 
 
@@ -89,7 +92,7 @@ class SamplingSpec:
               and all(type(v[k]) in num for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
                                                    "repetition_penalty"))
               and v["temperature"] >= 0 and 0 < v["top_p"] <= 1 and v["repetition_penalty"] > 0
-              and v["top_k"] >= 0 and v["min_tokens"] >= 0 and -1 <= v["logprobs"] <= 20 and v["prompt_len"] >= 0
+              and v["top_k"] >= 0 and v["min_tokens"] >= 0 and -1 <= v["logprobs"] <= MAX_TOP and v["prompt_len"] >= 0
               and _ids(v["stop_token_ids"], vocab) and _ids(v["ids"], vocab, num_new) and _ids(v["history"], vocab)
               and isinstance(v["logit_bias"], (list, tuple))
               and all(isinstance(p, (list, tuple)) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < vocab
