@@ -10,7 +10,7 @@ With `quantization="int8"` or `"nf4"` the weight matrices of its blocks are quan
 bitsandbytes as each is read (see `stages.quantize`), never the whole range in float first.
 On the CPU, the float32 and bfloat16 linear layers of an unquantized stage are laid out for
 oneDNN as each is read (see `stages.packed`): the same arithmetic, in much less time for the few
-rows of a decode step.
+rows of a decode step. LoRA adapters (`stages.lora`) add their updates to the rows that ask for one.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from stages.architecture import Architecture, describe
 from stages.kv_cache import ATTENTION, PagedKVCache, PagedRows
 from stages.loading import (Conversion, checkpoint_layout, convert, iter_converted_slices, iter_tensors,
                             load_tensors, read_rows, weight_map)
+from stages.lora import StageAdapters
 from stages.packed import PackedLinear, can_pack
 from stages.quantize import normalize_quantization
 
@@ -71,11 +72,13 @@ class Stage(nn.Module):
         quantization: None/"none" keeps every weight at `dtype`; "int8" or "nf4" quantizes the
             weight matrices of the blocks with bitsandbytes, as transformers'
             `BitsAndBytesConfig` does (embeddings, norms and head stay at `dtype`).
+        lora_modules: LoRA adapter name -> PEFT adapter directory (`stages.lora`); the i-th, from 1
+            in this order, is what a row asks for with adapter index i. Not with `quantization`.
     """
 
     def __init__(self, model_dir: str, start: int, end: int, *, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu", num_blocks: int = 256, block_size: int = 16,
-                 quantization: str | None = None):
+                 quantization: str | None = None, lora_modules: dict[str, str] | None = None):
         super().__init__()
         began = time.monotonic()
         self.config = AutoConfig.from_pretrained(model_dir)
@@ -86,6 +89,8 @@ class Stage(nn.Module):
         self.is_first, self.is_last = start == 0, end == num_layers
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
         self.quantization = normalize_quantization(quantization)
+        if lora_modules and self.quantization:
+            raise ValueError(f"LoRA adapters are not supported on quantized stages ({self.quantization})")
         # A quantized stage is one that must fit in little memory: its float head stays as it is
         # loaded (packing holds a block of its rows twice for a moment, and oneDNN adds its own).
         self.packs_linears = can_pack(self.device, self.dtype) and not self.quantization
@@ -93,7 +98,10 @@ class Stage(nn.Module):
         model = meta_model(self.config, self.dtype)
         self.arch: Architecture = describe(model)
         owned = owned_modules(model, self.arch, start, end)
+        self.lora = StageAdapters(lora_modules or {}, model, self.arch, start, end)  # checked before loading
+        self.lora_names: tuple[str, ...] = self.lora.names
         self._load(model_dir, model, owned)
+        self.lora.attach(model, self.dtype)
 
         blocks = _module(model, self.arch.layers)
         self.blocks = nn.ModuleList(blocks[i] for i in range(start, end))
@@ -191,7 +199,8 @@ class Stage(nn.Module):
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, tables: list[list[int]], starts: list[int], num_new: list[int],
-                all_logits: bool = False, rows: PagedRows | None = None) -> torch.Tensor:
+                all_logits: bool = False, rows: PagedRows | None = None,
+                adapters: list[int] | None = None) -> torch.Tensor:
         """Runs one batched step through the stage's blocks.
 
         Args:
@@ -203,6 +212,7 @@ class Stage(nn.Module):
             num_new: real new tokens of each row.
             all_logits: on the last stage, return logits at every position, not just the last.
             rows: the step's `PagedRows`, when the caller has built (and so checked) them already.
+            adapters: each row's LoRA adapter: 0 for none, i for `lora_names[i - 1]`; None: all 0.
 
         Returns:
             hidden states shaped as `inputs`; on the last stage float32 logits (B, V) at each
@@ -213,6 +223,7 @@ class Stage(nn.Module):
         packed = is_packed(inputs, num_new)
         if rows is None:
             rows = self.rows(tables, starts, num_new, width, packed)
+        self.lora.selection.begin_step(adapters, num_new, width, packed, self.device)
         self.cache.begin_step(rows)
         new = torch.tensor(num_new)
         if packed:
