@@ -78,17 +78,21 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
         """The web chat page: static, the same for everyone (a key is typed into the page)."""
         return FileResponse(CHAT_PAGE, media_type="text/html")
 
-    card = ModelCard(id=model.name, created=model.created, root=model.name, max_model_len=model.max_model_len)
+    # the model, then its LoRA adapters as vLLM lists them (root: the adapter's directory)
+    cards = {name: ModelCard(id=name, created=model.created, root=root, parent=parent,
+                             max_model_len=model.max_model_len)
+             for name, root, parent in [(model.name, model.name, None)]
+             + [(name, path, model.name) for name, path in model.adapters.items()]}
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[card])
+        return ModelList(data=list(cards.values()))
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str) -> ModelCard:
-        if name != model.name:
+        if name not in cards:
             raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
-        return card
+        return cards[name]
 
     @app.get("/version")
     async def version() -> dict:

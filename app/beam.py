@@ -157,5 +157,5 @@ class BeamGroup:
                   for seq, (parent, _, _) in zip(self.seqs, parents)]
         for seq, table, (_, output, cached), (_, token) in zip(self.seqs, tables, parents, picks):
             pool.release(seq, slots=False)
-            seq.tables = table or [BlockTable() for _ in seq.route]
+            seq.tables = table or [BlockTable(salt=seq.salt) for _ in seq.route]
             seq.output_ids, seq.num_cached, seq.parked = output + [token], cached if table else 0, False

@@ -15,9 +15,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
-def chain_hashes(tokens: list[int], block_size: int) -> list[int]:
-    """The chain hash of every full block of `tokens`."""
-    hashes, parent = [], None
+def chain_hashes(tokens: list[int], block_size: int, salt: int | None = None) -> list[int]:
+    """The chain hash of every full block of `tokens` (a chain starting from `salt`)."""
+    hashes, parent = [], salt
     for start in range(0, len(tokens) - block_size + 1, block_size):
         parent = hash((parent, tuple(tokens[start:start + block_size])))
         hashes.append(parent)
@@ -36,6 +36,7 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks registered in (or taken from) the prefix cache
     last_hash: int | None = None  # the chain hash of block `num_cached_blocks - 1`
+    salt: int | None = None  # where its chain starts: a LoRA adapter's blocks hold other keys and values
 
 
 class BlockPool:
@@ -86,7 +87,7 @@ class BlockPool:
         needed), so a prompt cached whole gives up its last block."""
         if not self.prefix_caching or table.blocks:
             return 0
-        hashes = chain_hashes(tokens[:-1], self.block_size)
+        hashes = chain_hashes(tokens[:-1], self.block_size, table.salt)
         self.queries += len(hashes)
         for chain in hashes:
             block = self._by_hash.get(chain)
@@ -168,7 +169,8 @@ class BlockPool:
             return
         size, full = self.block_size, min(len(tokens) // self.block_size, len(table.blocks))
         for index in range(table.num_cached_blocks, full):
-            chain = hash((table.last_hash, tuple(tokens[index * size:(index + 1) * size])))
+            parent = table.last_hash if index else table.salt
+            chain = hash((parent, tuple(tokens[index * size:(index + 1) * size])))
             block = table.blocks[index]
             if chain not in self._by_hash and self._hash_of[block] is None:
                 self._by_hash[chain], self._hash_of[block] = block, chain
@@ -180,7 +182,7 @@ class BlockPool:
         one of the two writes into it (`unshare`)."""
         for block in table.blocks:
             self._take(block)
-        return BlockTable(list(table.blocks), table.num_cached_blocks, table.last_hash)
+        return BlockTable(list(table.blocks), table.num_cached_blocks, table.last_hash, table.salt)
 
     def unshare(self, table: BlockTable, start: int, end: int) -> list[tuple[int, int]] | None:
         """Copy-on-write before `table` writes tokens `start .. end`: each block of that span that

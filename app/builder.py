@@ -43,6 +43,11 @@ class BuilderArgs(BaseModel):
     max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
     max_beam_width: int = Field(8, ge=1, le=16, description="the widest beam search (use_beam_search) a request "
                                                             "may ask for (its n)")
+    lora_modules: dict[str, str] | list[str] | None = Field(
+        None, description="LoRA adapters served beside the model: name -> PEFT adapter directory (or vLLM's "
+                          "'name=path' strings); a request names one as its model")
+    max_loras: int = Field(4, ge=1, description="LoRA adapters in one step at most (vLLM's name)")
+    max_lora_rank: int = Field(64, ge=1, description="the highest LoRA rank an adapter may have")
     step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
     max_step_failures: int = Field(3, ge=1, description="failed steps in a row before a sequence fails")
     node_grace_period_s: float = Field(30.0, ge=0, description="a planned stage's node may be gone this long "
@@ -101,6 +106,40 @@ def resolve_model(args: BuilderArgs) -> tuple[str, str]:
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise ValueError(f"model: {model_dir} is not a checkpoint directory (no config.json)")
     return model_dir, args.served_model_name or os.path.basename(model_dir.rstrip("/"))
+
+
+def lora_adapters(args: BuilderArgs, model_dir: str, served_name: str, quantizations: list[str], encoder: bool
+                  ) -> dict[str, str]:
+    """The LoRA adapters to serve (name -> absolute directory), each checked against the model now,
+    so that one that does not fit fails the start with its reason (`stages.lora.check_adapter`).
+
+    Raises:
+        ValueError: a malformed entry, a name taken, an encoder or quantized stages, an adapter
+            that does not fit the model, or a rank above `max_lora_rank`.
+    """
+    from stages.lora import check_adapter
+
+    entries = args.lora_modules or {}
+    if isinstance(entries, list):
+        if not all(isinstance(e, str) and "=" in e for e in entries):
+            raise ValueError("lora_modules: a mapping of name -> directory, or a list of 'name=path' strings")
+        entries = dict(e.split("=", 1) for e in entries)
+    if not entries:
+        return {}
+    if encoder:
+        raise ValueError(f"lora_modules: {served_name} is an encoder; LoRA adapters are served on decoders")
+    if set(quantizations) != {"none"}:
+        raise ValueError("lora_modules: LoRA adapters are not supported on quantized stages (quantization: "
+                         f"{sorted(set(quantizations) - {'none'})}); serve the model in {args.dtype}")
+    adapters = {}
+    for name, path in entries.items():
+        if not name or name == served_name:
+            raise ValueError(f"lora_modules: {name!r} cannot name an adapter (empty, or the model's own name)")
+        adapters[name] = os.path.abspath(os.path.expanduser(path))
+        rank = max((t.rank for t in check_adapter(model_dir, adapters[name], name).values()), default=0)
+        if rank > args.max_lora_rank:
+            raise ValueError(f"LoRA adapter {name!r} has rank {rank}, above max_lora_rank ({args.max_lora_rank})")
+    return adapters
 
 
 def plan_stages(model_dir: str, args: BuilderArgs) -> list[tuple[int, int, dict, object]]:
@@ -174,7 +213,7 @@ def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
                         num_microbatches=args.num_microbatches,
                         max_queued_requests=args.max_queued_requests, step_timeout_s=args.step_timeout_s,
                         max_step_failures=args.max_step_failures, prefix_caching=args.enable_prefix_caching,
-                        max_beam_width=args.max_beam_width)
+                        max_beam_width=args.max_beam_width, max_loras=args.max_loras)
 
 
 def wire_limits(args: BuilderArgs, config: EngineConfig):
@@ -226,6 +265,7 @@ def build_app(args: BuilderArgs):
     if encoder and set(quantizations) != {"none"}:
         raise ValueError(f"quantization: {served_name} is an encoder, served in {args.dtype}; int8 and nf4 "
                          "stages are for decoders")
+    adapters = lora_adapters(args, model_dir, served_name, quantizations, encoder)
     limits = wire_limits(args, config)
     stages = []
     for index, (start, end, pin, _) in enumerate(planned):
@@ -244,7 +284,8 @@ def build_app(args: BuilderArgs):
                                       max_batch_size=args.max_batch_size, block_size=args.kv_block_size,
                                       num_blocks=pool_tokens(args) // args.kv_block_size,
                                       num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens,
-                                      step_tokens=step_tokens(args), limits=limits, encoder=encoder))
+                                      step_tokens=step_tokens(args), limits=limits, encoder=encoder,
+                                      lora_modules=adapters))
     # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues
     # (and answers 503 past max_queued_requests) itself.
     # The ingress runs where the checkpoint is (here): it reads the tokenizer, and serves the
@@ -259,7 +300,8 @@ def build_app(args: BuilderArgs):
     placed = [Placed(f"Stage{i}", s.start, s.end, s.node, s.weight_bytes + s.kv_bytes + s.work_bytes)
               for i, (_, _, _, s) in enumerate(planned) if s is not None] or None
     return ingress.bind(stages, model_dir, served_name, config, api_keys=keys, limits=limits, placed=placed,
-                        node_grace_period_s=args.node_grace_period_s, reserve_fraction=args.plan_reserve_fraction)
+                        node_grace_period_s=args.node_grace_period_s, reserve_fraction=args.plan_reserve_fraction,
+                        lora_modules=adapters)
 
 
 def stage_env(threads: int, quantization: str) -> dict[str, str]:

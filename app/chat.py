@@ -238,7 +238,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await parse_json_body(request, ChatRequest)
-        serving.admit(body.model)
+        adapter = serving.admit(body.model)
         body.check_beam_search(serving.engine.config.beam_width_cap, logprobs=body.logprobs)
         ids = render(model, body.messages, body.add_generation_prompt, body.continue_final_message,
                      body.chat_template_kwargs)
@@ -249,7 +249,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(max_tokens, model.eos_token_ids, logprobs)
         generation = Generation(serving.engine, model, [ids], [params], body.n, body.n, body.seed,
-                                id_prefix="chatcmpl")
+                                id_prefix="chatcmpl", adapter=adapter)
         meta = generation.meta
         async def whole() -> dict:
             choices = [ChatChoice(index=i, message=ChatMessage(content=state.text),

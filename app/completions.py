@@ -193,7 +193,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse_json_body(request, CompletionRequest)
-        serving.admit(body.model)
+        adapter = serving.admit(body.model)
         body.check_beam_search(serving.engine.config.beam_width_cap, best_of=body.best_of is not None,
                                logprobs=body.logprobs is not None, echo=body.echo)
         prompts = tokenize_prompts(body, model)
@@ -201,7 +201,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         params = [body.sampling_params(resolve_max_tokens(len(ids), body.max_tokens, model.max_model_len),
                                        model.eos_token_ids, body.logprobs, rank) for ids in prompts]
         generation = Generation(serving.engine, model, prompts, params, body.num_candidates, body.n, body.seed,
-                                echo=body.echo, id_prefix="cmpl")
+                                echo=body.echo, id_prefix="cmpl", adapter=adapter)
         meta = generation.meta
         async def whole() -> dict:
             choices = [CompletionChoice(index=i, text=state.text, finish_reason=state.finish_reason,

@@ -105,12 +105,14 @@ class StageDeployment:
         limits: what a data-plane message may be (`app.wire.Limits`).
         encoder: the checkpoint is a sentence encoder (`stages.encoder.EncoderStage`, layers
             instead of blocks, no KV cache).
+        lora_modules: LoRA adapters, name -> directory (readable on this node), in the order the
+            ingress numbers them (`stages.lora`).
     """
 
     def __init__(self, model_dir: str, index: int, start: int, end: int, *, dtype: str = "float32",
                  max_batch_size: int = 16, num_blocks: int = 256, block_size: int = 16, num_threads: int | None = None,
                  parallel_min_tokens: int = 64, step_tokens: int = 512, quantization: str = "none",
-                 limits: wire.Limits = wire.Limits(), encoder: bool = False):
+                 limits: wire.Limits = wire.Limits(), encoder: bool = False, lora_modules: dict | None = None):
         from ray import serve
 
         if num_threads:
@@ -130,7 +132,7 @@ class StageDeployment:
             "num_blocks": num_blocks, "block_size": block_size})
         load = dict(model_dir=model_dir, start=start, end=end, dtype=dtype) if encoder else \
             dict(model_dir=model_dir, start=start, end=end, dtype=dtype, num_blocks=num_blocks, block_size=block_size,
-                 quantization=quantization)
+                 quantization=quantization, lora_modules=lora_modules or None)
         self.stage_class = EncoderStage if encoder else Stage
         threading.Thread(target=self._load_until_loaded, args=(load, num_threads, parallel_min_tokens),
                          daemon=True, name="stagewise-load").start()

@@ -31,6 +31,15 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     created: int = field(default_factory=lambda: int(time.time()))
     task: str = "generate"  # or "embed": an encoder (`stages.encoder`), whose max_model_len is its longest input
+    # LoRA adapters served beside the model: name -> directory; the i-th (from 1) is adapter i on the stages
+    adapters: dict[str, str] = field(default_factory=dict)
+
+    def adapter_index(self, name: str) -> int | None:
+        """0 for the model's own name, i for its i-th adapter, None for a name it does not serve."""
+        if name == self.name:
+            return 0
+        names = list(self.adapters)
+        return names.index(name) + 1 if name in names else None
 
 
 class PipelineError(RuntimeError):
@@ -97,11 +106,12 @@ class Generation:
         echo: each choice starts with its prompt's text (and, with logprobs, its tokens'
             log-probabilities: every one but the first, with their alternatives).
         id_prefix: of the request's id (`cmpl`, `chatcmpl`).
+        adapter: the LoRA adapter its sequences run with (0: none; see `ModelInfo.adapters`).
     """
 
     def __init__(self, engine: Engine, model: ModelInfo, prompts: list[list[int]], params: list[SamplingParams],
                  num_candidates: int = 1, n: int = 1, seed: int | None = None, echo: bool = False,
-                 id_prefix: str = "cmpl"):
+                 id_prefix: str = "cmpl", adapter: int = 0):
         self.engine, self.model, self.prompt_ids = engine, model, prompts
         self.n, self.num_candidates, self.echo = n, num_candidates, echo
         self.id, self.created = random_id(id_prefix), int(time.time())
@@ -112,7 +122,8 @@ class Generation:
                 # the last stage draws candidate i's tokens from seed + i (a random seed without one)
                 seq = Sequence(ids, prompt_params, self.events, index=len(self.states), request_id=self.id,
                                prompt_logprobs=echo and prompt_params.logprobs is not None,
-                               seed=seed + i if seed is not None else secrets.randbits(63), key=secrets.randbits(62))
+                               seed=seed + i if seed is not None else secrets.randbits(63), key=secrets.randbits(62),
+                               adapter=adapter)
                 detok = IncrementalDetokenizer(model.tokenizer, ids, prompt_params.skip_special_tokens)
                 stops = StopChecker(prompt_params.stop, prompt_params.include_stop_str_in_output)
                 self.states.append(ChoiceState(seq, detok, stops))

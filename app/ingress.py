@@ -44,12 +44,14 @@ class Ingress:
             None: the stages are not pinned (Ray re-places them itself).
         node_grace_period_s: how long a planned stage's node may be gone before the stage moves.
         reserve_fraction: the share of a node's memory the planner keeps free.
+        lora_modules: the LoRA adapters the stages hold, name -> directory, in their order.
     """
 
     async def __init__(self, stages: list, model_dir: str, served_name: str, engine_config: EngineConfig,
                        recover_timeout_s: float = 120.0, api_keys: tuple[str, ...] = (),
                        limits: wire.Limits = wire.Limits(), placed: list[Placed] | None = None,
-                       node_grace_period_s: float = 30.0, reserve_fraction: float = 0.05):
+                       node_grace_period_s: float = 30.0, reserve_fraction: float = 0.05,
+                       lora_modules: dict[str, str] | None = None):
         from ray import serve
         from transformers import AutoConfig, AutoTokenizer
 
@@ -62,7 +64,7 @@ class Ingress:
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         self.model = ModelInfo(name=served_name, tokenizer=tokenizer, vocab_size=config.vocab_size,
                                max_model_len=engine_config.max_model_len, eos_token_ids=eos_ids,
-                               task="embed" if is_encoder(config) else "generate")
+                               task="embed" if is_encoder(config) else "generate", adapters=dict(lora_modules or {}))
         self.app_name = serve.get_replica_context().app_name
         self.metrics = IngressMetrics(served_name)
         # The data plane's secret: made here, handed to the stages only through the registry (Ray).

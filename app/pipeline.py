@@ -85,7 +85,8 @@ class PipelineClient:
     async def step(self, route: list[str], inputs: torch.Tensor, tables: list[list[list[int]]], starts: list[int],
                    num_new: list[int], *, all_logits: bool = False, want: tuple[int, ...] = (),
                    sampling: tuple[SamplingSpec | None, ...] = (), scoring: tuple = (),
-                   copies: list[list[tuple[int, int]]] | None = None, timeout: float | None = None) -> wire.Result:
+                   copies: list[list[tuple[int, int]]] | None = None, adapters: tuple[int, ...] = (),
+                   timeout: float | None = None) -> wire.Result:
         """Runs one batched step through one replica of every stage.
 
         Args:
@@ -101,6 +102,7 @@ class PipelineClient:
                 positions predict): the rows that score their prompt (echo).
             copies: for each stage of the route, (source, destination) KV blocks to copy before
                 the step (a beam's blocks, see `app.blocks.BlockPool.unshare`).
+            adapters: each row's LoRA adapter (0: none); empty: none in the step.
             timeout: seconds to wait for the result before the step counts as failed.
 
         Returns:
@@ -120,7 +122,7 @@ class PipelineClient:
                             tuple(tuple(map(tuple, stage)) for stage in tables),
                             tuple(starts), tuple(num_new), all_logits, inputs, tuple(want), tuple(sampling),
                             tuple(scoring), tuple(tuple(map(tuple, stage)) for stage in copies) if any(copies or ())
-                            else ())
+                            else (), tuple(adapters) if any(adapters) else ())
         try:
             await asyncio.to_thread(self._out.send, route[0], message)
             return await asyncio.wait_for(future, timeout)

@@ -90,10 +90,11 @@ class ReplicaPool:
             if replica_id in self.blocks:
                 self.blocks[replica_id].cache_full_blocks(table, tokens)
 
-    def match_prefix(self, route: tuple[str, ...], tokens: list[int]) -> tuple[list[BlockTable], int]:
-        """New block tables on `route` holding the longest cached prefix of `tokens` that every
-        replica of the route has; (tables, the tokens they hold)."""
-        tables = [BlockTable() for _ in route]
+    def match_prefix(self, route: tuple[str, ...], tokens: list[int], salt: int | None = None
+                     ) -> tuple[list[BlockTable], int]:
+        """New block tables on `route` (chains from `salt`) holding the longest cached prefix of
+        `tokens` that every replica of the route has; (tables, the tokens they hold)."""
+        tables = [BlockTable(salt=salt) for _ in route]
         matched = [self.blocks[r].match(tokens, table) for r, table in zip(route, tables)]
         cached = min(matched)
         for replica_id, table in zip(route, tables):
@@ -108,7 +109,7 @@ class ReplicaPool:
             if self.usable(replica_id):
                 continue
             other = self.best(stage)
-            table = BlockTable()
+            table = BlockTable(salt=seq.salt)
             if other is None or not self.blocks[other].grow(table, len(seq.tokens)):
                 continue  # a draining replica goes on serving it; a gone one is waited for
             self.release(seq, stage)

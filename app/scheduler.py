@@ -49,8 +49,8 @@ class Scheduler:
             if any(len(pool.free[r]) <= len(group) for r in route):
                 return
             # Sequences that report prompt log-probabilities compute their whole prompt.
-            tables, cached = (pool.match_prefix(route, seq.tokens) if not seq.prompt_logprobs
-                              else ([BlockTable() for _ in route], 0))
+            tables, cached = (pool.match_prefix(route, seq.tokens, seq.salt) if not seq.prompt_logprobs
+                              else ([BlockTable(salt=seq.salt) for _ in route], 0))
             seq.route, seq.tables, seq.slots = route, tables, [pool.take_slot(r) for r in route]
             if not pool.grow(seq, len(seq.tokens)):
                 pool.release(seq)
@@ -58,7 +58,7 @@ class Scheduler:
                 return
             waiting.pop(0)
             for other in group:
-                other.route, other.tables = route, [BlockTable() for _ in route]
+                other.route, other.tables = route, [BlockTable(salt=other.salt) for _ in route]
                 other.slots, other.num_cached = [pool.take_slot(r) for r in route], 0
                 running.append(other)
             seq.num_cached = cached
@@ -118,6 +118,19 @@ class Scheduler:
             self.preempted.append(victim)
         return True
 
+    def _within_loras(self, ready: list[Sequence]) -> list[Sequence]:
+        """The sequences of `ready`, in order, whose LoRA adapters (or none) fit in one step:
+        `max_loras` adapters at most; the others wait for a step with room."""
+        adapters: set[int] = set()
+        kept = []
+        for seq in ready:
+            if seq.adapter and seq.adapter not in adapters:
+                if len(adapters) == self.config.max_loras:
+                    continue
+                adapters.add(seq.adapter)
+            kept.append(seq)
+        return kept
+
     @staticmethod
     def _claim(row: Row, pool: ReplicaPool) -> bool:
         """Blocks for the row's tokens, its own where they go into blocks a beam shares."""
@@ -133,6 +146,7 @@ class Scheduler:
         (every row's tokens in one row), so a decode row costs one token beside a chunk.
         Sequences that want logits at every prompt position (echo with log-probabilities) take
         steps of their own, padded, alternating with the others."""
+        ready = self._within_loras(sorted(ready, key=lambda s: s.num_pending != 1))  # decode rows first
         echo = [s for s in ready if s.needs_all_logits]
         if echo and (len(echo) == len(ready) or self._last_kind.get(route) != "echo"):
             self._last_kind[route] = "echo"

@@ -40,6 +40,7 @@ class EngineConfig:
             time: an out-of-memory on one stage, a bad tensor).
         prefix_caching: sequences whose prompts start alike share the KV blocks of that prefix.
         max_beam_width: the widest beam search a request may ask for (its `n`).
+        max_loras: LoRA adapters in one step at most (vLLM's name); the rows of others wait.
     """
 
     max_batch_size: int = 16
@@ -53,6 +54,7 @@ class EngineConfig:
     max_step_failures: int = 3
     prefix_caching: bool = True
     max_beam_width: int = 8
+    max_loras: int = 4
 
     @property
     def beam_width_cap(self) -> int:
@@ -95,6 +97,7 @@ class Sequence:
     prompt_logprobs: bool = False
     seed: int = 0  # of its draws (see `stages.sampler.draw_seed`)
     key: int = 0  # its id on the last stage, whose sampler may keep its tokens (penalties need them)
+    adapter: int = 0  # the LoRA adapter it runs with (its index among the served ones; 0: none)
     output_ids: list[int] = field(default_factory=list)
     prompt_logprob_values: list[tuple] = field(default_factory=list)  # (logprob, alternatives) per token
     cumulative_logprob: float = 0.0
@@ -116,6 +119,11 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def salt(self) -> int | None:
+        """Where its blocks' chain hashes start: blocks computed with an adapter are that adapter's."""
+        return self.adapter or None
 
     @property
     def num_pending(self) -> int:

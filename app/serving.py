@@ -37,11 +37,12 @@ class Serving:
         self.engine, self.model, self.metrics, self.report = engine, model, metrics, report
         self.embedder = embedder
 
-    def admit(self, requested_model: str, task: str = "generate") -> None:
-        """Raises 404 for another model's name, 400 for an endpoint of another task than the
-        model's ("generate": completions and chat; "embed": embeddings), 503 while a stage
-        cannot serve."""
-        if requested_model != self.model.name:
+    def admit(self, requested_model: str, task: str = "generate") -> int:
+        """The LoRA adapter a request names (0: the model itself, see `ModelInfo.adapter_index`).
+        Raises 404 for a name not served, 400 for an endpoint of another task than the model's
+        ("generate": completions and chat; "embed": embeddings), 503 while a stage cannot serve."""
+        adapter = self.model.adapter_index(requested_model)
+        if adapter is None:
             raise NotFound(f"The model `{requested_model}` does not exist.", param="model", code="model_not_found")
         if task != self.model.task:
             api = {"generate": "the Completions and Chat Completions APIs", "embed": "the Embeddings API"}[task]
@@ -51,6 +52,7 @@ class Serving:
         reason = unavailable_reason(self.report())
         if reason is not None:
             raise Unavailable(reason)
+        return adapter
 
     async def answer(self, request: Request, generation: Generation, stream: bool,
                      lines: Callable[[], AsyncIterator[str]], whole: Callable[[], Awaitable[dict]]):

@@ -121,6 +121,8 @@ class StageServer:
                                    is_packed(message.inputs, message.num_new))
         except ValueError as exc:
             raise wire.WireError(f"step {message.step}: {exc}") from None
+        if message.adapters and max(message.adapters) > len(getattr(self.stage, "lora_names", ())):
+            raise wire.WireError(f"step {message.step}: a row asks for a LoRA adapter this stage does not hold")
         if message.copies and not self.stage.cache.can_copy(message.copies[0]):
             raise wire.WireError(f"step {message.step}: its block copies are not within this stage's pool, or "
                                  "copy into a block twice or into a block they copy")
@@ -153,7 +155,7 @@ class StageServer:
                 if step.copies:
                     self.stage.cache.copy_blocks(step.copies[0])
                 out = self.stage(step.inputs, [list(t) for t in tables[0]], list(step.starts), list(step.num_new),
-                                 all_logits=step.all_logits, rows=rows)
+                                 all_logits=step.all_logits, rows=rows, adapters=list(step.adapters) or None)
             answer = result(step, out, self.sampler) if len(route) == 1 else None  # the last stage's tokens
         except Exception as exc:  # a bad step must not kill the stage: report it to the ingress
             logger.exception("step %s failed", step.step)
@@ -171,7 +173,7 @@ class StageServer:
         if len(route) > 1:
             sent = self._send(route[0], wire.Step(step.step, route[1:], tables[1:], step.starts, step.num_new,
                                                   step.all_logits, out, step.want, step.sampling, step.scoring,
-                                                  step.copies[1:]))
+                                                  step.copies[1:], step.adapters))
         else:
             sent = self._send(route[0], answer)
         if not sent and len(route) > 1:

@@ -25,6 +25,7 @@ class StepArgs:
     sampling: tuple[SamplingSpec | None, ...]
     scoring: tuple
     copies: list[list[tuple[int, int]]]
+    adapters: tuple[int, ...]
 
     def kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -33,7 +34,8 @@ class StepArgs:
 def build_step(rows: list[Row], route: tuple[str, ...]) -> StepArgs:
     """The step of `rows` on `route`: their pending tokens (packed into one row when their lengths
     differ, unless every position's logits come back), their blocks on each stage, what each wants
-    back and how it samples, the prompt positions an echo scores, and the blocks to copy first."""
+    back and how it samples, the prompt positions an echo scores, the blocks to copy first, and
+    each row's LoRA adapter."""
     all_logits = any(row.seq.needs_all_logits for row in rows)
     packed = len({row.num_new for row in rows}) > 1 and not all_logits
     want = tuple(row.want for row in rows)
@@ -47,4 +49,5 @@ def build_step(rows: list[Row], route: tuple[str, ...]) -> StepArgs:
         scoring=tuple((r.seq.params.logprobs or 0, tuple(r.seq.prompt_ids[r.start + 1:r.start + r.num_new + 1]))
                       if r.seq.needs_all_logits else None for r in rows) if all_logits else (),
         # blocks a beam shares with another, copied before the step writes into them
-        copies=[[pair for row in rows if row.copies for pair in row.copies[stage]] for stage in range(len(route))])
+        copies=[[pair for row in rows if row.copies for pair in row.copies[stage]] for stage in range(len(route))],
+        adapters=tuple(row.seq.adapter for row in rows))

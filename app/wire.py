@@ -85,6 +85,8 @@ class Step:
     # per stage from this one on, (source, destination) KV blocks to copy before the step (a
     # beam that writes into blocks it shared with another); empty: none anywhere
     copies: tuple[tuple[tuple[int, int], ...], ...] = ()
+    # per row, its LoRA adapter (0: none; i: the stages' i-th); empty: none in the step
+    adapters: tuple[int, ...] = ()
 
     kind = "step"
 
@@ -161,7 +163,8 @@ def _fields_of(message: Message) -> dict:
                 "want": list(message.want),
                 "sampling": [spec.to_wire() if spec is not None else None for spec in message.sampling],
                 "scoring": [list(entry) if entry is not None else None for entry in message.scoring],
-                "copies": [[list(pair) for pair in stage] for stage in message.copies]}
+                "copies": [[list(pair) for pair in stage] for stage in message.copies],
+                "adapters": list(message.adapters)}
     if isinstance(message, Result):
         return {"step": message.step}
     if isinstance(message, Error):
@@ -298,8 +301,11 @@ def _step(header: dict, inputs: torch.Tensor, limits: Limits) -> Step:
         raise WireError("step: copies, when given, are per stage left on the route a list of [source, "
                         "destination] blocks")
     copies = tuple(tuple((pair[0], pair[1]) for pair in stage) for stage in copies)
+    adapters = _ints(header.get("adapters", []), "adapters", 0, 1 << 16)
+    if adapters and len(adapters) != rows:
+        raise WireError("step: adapters, when given, name one LoRA adapter (or 0) per row")
     return Step(header["step"], tuple(route), tables, starts, num_new, header.get("all_logits", False), inputs, want,
-                sampling, scoring, copies)
+                sampling, scoring, copies, adapters)
 
 
 def _result(step: int, tensors: list[torch.Tensor]) -> Result:

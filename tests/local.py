@@ -63,17 +63,20 @@ def model_info(model_dir: str, name: str, max_model_len: int) -> ModelInfo:
 @contextmanager
 def local_app(model_dir: str, ranges: list[tuple[int, int]], name: str = "model", http: bool = False,
               quantizations: list[str] | None = None, api_keys: tuple[str, ...] = (), kv_tokens: int | None = None,
-              block_size: int = 16, **engine_kwargs):
+              block_size: int = 16, lora_modules: dict[str, str] | None = None, **engine_kwargs):
     """Yields (TestClient, engine, stage servers) for the model split into `ranges`; with `http`, a
     real HTTP server's URL instead of the TestClient; with `api_keys`, clients must send one. Each
-    stage's KV pool holds `kv_tokens` (default: `max_batch_size` sequences of `max_model_len`)."""
+    stage's KV pool holds `kv_tokens` (default: `max_batch_size` sequences of `max_model_len`); every
+    stage holds the LoRA adapters `lora_modules` (name -> directory)."""
     config = EngineConfig(**{"max_model_len": 512, **engine_kwargs})
     quantizations = quantizations or ["none"] * len(ranges)
     secret = os.urandom(32)  # the application's data-plane secret
     num_blocks = kv_pool_blocks(kv_tokens or config.max_batch_size * config.max_model_len, block_size)
     info = model_info(model_dir, name, config.max_model_len)
+    info.adapters = dict(lora_modules or {})
     servers = [StageServer(EncoderStage(model_dir, start, end) if info.task == "embed" else
-                           Stage(model_dir, start, end, num_blocks=num_blocks, block_size=block_size, quantization=q),
+                           Stage(model_dir, start, end, num_blocks=num_blocks, block_size=block_size, quantization=q,
+                                 lora_modules=lora_modules),
                            secret) for (start, end), q in zip(ranges, quantizations)]
     pipeline = PipelineClient(secret)
     engine = Engine(pipeline, config, len(servers))

@@ -170,6 +170,13 @@ def test_forged_results_change_no_one_s_tokens(checkpoint):
                                               scoring=[[0, [5]]]), TOKEN)),
     ("scoring more targets than tokens", frame(dict(step_header(["x:1"]), all_logits=True, want=[0],
                                                     sampling=[None], scoring=[[0, [5, 6]]]), TOKEN)),
+    ("a block copy beyond the cache", frame(dict(step_header(["x:1"]), copies=[[[1, 10**6]]]), TOKEN)),
+    ("two copies into one block", frame(dict(step_header(["x:1"]), copies=[[[1, 5], [2, 5]]]), TOKEN)),
+    ("copies for another number of stages", frame(dict(step_header(["x:1"]), copies=[[], []]), TOKEN)),
+    ("a LoRA adapter the stage does not hold", frame(dict(step_header(["x:1"]), adapters=[1]), TOKEN)),
+    ("adapters for fewer rows than there are", frame(dict(step_header(["x:1"], tables=(((3,), (4,)),),
+                                                                      tensor=("int64", [2, 1]), starts=(0, 0),
+                                                                      num_new=(1, 1)), adapters=[0]), TOKEN * 2)),
     ("route through a stranger", frame(step_header(["10.9.9.9:1"]), TOKEN)),
 ])
 def test_even_an_authenticated_peer_cannot_send_a_malformed_message(checkpoint, name, data):

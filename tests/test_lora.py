@@ -1,0 +1,136 @@
+"""LoRA adapters per request: served beside the model, each request naming one (or the model) as
+its `model`, rows of different adapters in one step, each answer equal to peft's `PeftModel`."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from app.builder import BuilderArgs, lora_adapters
+from tests.local import local_app
+from tests.reference import greedy_text
+from tests.test_lora_stages import build_adapter
+
+# Longer than a KV block (16 tokens), so that the prefix cache would share its blocks.
+PROMPT = "the city of Paris and the river and the stone garden at night with music of the pipeline stage"
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoint, tmp_path_factory) -> dict[str, str]:
+    model_dir = checkpoint("llama")
+    root = tmp_path_factory.mktemp("lora")
+    return {"sql": build_adapter(model_dir, str(root / "sql"), 1, r=4, lora_alpha=8,
+                                 target_modules=["q_proj", "v_proj"]),
+            "poet": build_adapter(model_dir, str(root / "poet"), 2, r=8, lora_alpha=16,
+                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"])}
+
+
+def run_together(client, names: list[str]) -> list[str]:
+    texts = [None] * len(names)
+
+    def run(i):
+        r = client.post("/v1/completions", json={"model": names[i], "prompt": PROMPT, "max_tokens": TOKENS,
+                                                 "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        texts[i] = r.json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(names))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return texts
+
+
+@pytest.mark.parametrize("max_loras", [2, 1])
+def test_two_adapters_and_the_model_in_one_batch_equal_peft(checkpoint, adapters, max_loras):
+    model_dir = checkpoint("llama")
+    expected = {"model": greedy_text(model_dir, PROMPT, TOKENS)}
+    expected.update({name: greedy_text(model_dir, PROMPT, TOKENS, adapter=path) for name, path in adapters.items()})
+    assert len(set(expected.values())) == 3  # each adapter changes the answer
+    with local_app(model_dir, [(0, 3), (3, 6)], max_batch_size=4, lora_modules=adapters, max_loras=max_loras) as (
+            client, engine, _):
+        listed = client.get("/v1/models").json()["data"]
+        assert [(m["id"], m["parent"]) for m in listed] == [("model", None), ("sql", "model"), ("poet", "model")]
+        assert client.get("/v1/models/poet").json()["root"] == adapters["poet"]
+        for name in ("nope", "sql2"):
+            r = client.post("/v1/completions", json={"model": name, "prompt": "the", "max_tokens": 2})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        steps, send = [], engine.pipeline.step
+
+        async def step(route, inputs, tables, starts, num_new, **kwargs):
+            steps.append(kwargs.get("adapters") or (0,) * len(starts))
+            return await send(route, inputs, tables, starts, num_new, **kwargs)
+
+        engine.pipeline.step = step
+        # one after another first: the prompt's cached blocks are the model's, not an adapter's
+        names = ["model", "sql", "poet"]
+        assert [run_together(client, [name])[0] for name in names] == [expected[n] for n in names]
+        steps.clear()
+        assert run_together(client, names) == [expected[n] for n in names]
+        mixed = [set(adapters_) for adapters_ in steps if len(set(adapters_)) > 1]
+        assert mixed  # rows of different adapters (or none) shared steps
+        assert all(len(s - {0}) <= max_loras for s in map(set, steps))
+        assert engine.num_running == 0
+
+
+def test_what_the_server_refuses_at_start(checkpoint, adapters, tmp_path):
+    import json
+    import shutil
+
+    model_dir = checkpoint("llama")
+    args = BuilderArgs(model=model_dir, lora_modules=[f"sql={adapters['sql']}"])
+    assert lora_adapters(args, model_dir, "llama", ["none", "none"], False) == {"sql": adapters["sql"]}
+    with pytest.raises(ValueError, match="quantized"):
+        lora_adapters(args, model_dir, "llama", ["int8", "none"], False)
+    with pytest.raises(ValueError, match="encoder"):
+        lora_adapters(args, model_dir, "llama", ["none"], True)
+    with pytest.raises(ValueError, match="model's own name"):
+        lora_adapters(BuilderArgs(model=model_dir, lora_modules={"llama": adapters["sql"]}), model_dir, "llama",
+                      ["none"], False)
+    with pytest.raises(ValueError, match="rank 8, above max_lora_rank"):
+        lora_adapters(BuilderArgs(model=model_dir, lora_modules={"poet": adapters["poet"]}, max_lora_rank=4),
+                      model_dir, "llama", ["none"], False)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(adapters["sql"], wrong)
+    config = json.loads((wrong / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps({**config, "r": 6}))
+    with pytest.raises(ValueError, match="'wrong'"):
+        lora_adapters(BuilderArgs(model=model_dir, lora_modules={"wrong": str(wrong)}), model_dir, "llama",
+                      ["none"], False)
+
+
+def test_adapters_and_beams_through_serve(checkpoint, adapters):
+    """`serve run` with `lora_modules` (vLLM's 'name=path' form): the adapters listed, one answering
+    as peft does beside the model, and a beam search's beams through the same deployment."""
+    import openai
+
+    from tests.serving import ServeRun
+
+    model_dir = checkpoint("llama")
+    expected = [greedy_text(model_dir, PROMPT, TOKENS, adapter=adapters["poet"]), greedy_text(model_dir, PROMPT, TOKENS)]
+    args = {"model": model_dir, "num_stages": 2, "served_model_name": "llama", "max_loras": 2,
+            "lora_modules": [f"{name}={path}" for name, path in adapters.items()]}
+    with ServeRun(args) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        assert [m.id for m in client.models.list()] == ["llama", "sql", "poet"]
+        texts = [None, None]
+
+        def run(i, name):
+            texts[i] = client.completions.create(model=name, prompt=PROMPT, max_tokens=TOKENS, temperature=0,
+                                                 extra_body={"ignore_eos": True}).choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i, name)) for i, name in enumerate(["poet", "llama"])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert texts == expected
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="prose", prompt="the", max_tokens=2)
+        beams = client.completions.create(model="sql", prompt=PROMPT, max_tokens=4, n=3,
+                                          extra_body={"use_beam_search": True})
+        assert len(beams.choices) == 3 and len({c.text for c in beams.choices}) == 3
