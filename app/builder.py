@@ -43,9 +43,10 @@ class BuilderArgs(BaseModel):
     max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
     max_beam_width: int = Field(8, ge=1, le=16, description="the widest beam search (use_beam_search) a request "
                                                             "may ask for (its n)")
-    lora_modules: dict[str, str] | list[str] | None = Field(
-        None, description="LoRA adapters served beside the model: name -> PEFT adapter directory (or vLLM's "
-                          "'name=path' strings); a request names one as its model")
+    lora_modules: dict[str, str] | list[str] | str | None = Field(
+        None, description="LoRA adapters served beside the model: name -> PEFT adapter directory, or vLLM's "
+                          "'name=path' strings (a list, or one string, comma-separated); a request names one "
+                          "as its model")
     max_loras: int = Field(4, ge=1, description="LoRA adapters in one step at most (vLLM's name)")
     max_lora_rank: int = Field(64, ge=1, description="the highest LoRA rank an adapter may have")
     step_timeout_s: float = Field(60.0, gt=0, description="a step slower than this counts as failed")
@@ -120,6 +121,8 @@ def lora_adapters(args: BuilderArgs, model_dir: str, served_name: str, quantizat
     from stages.lora import check_adapter
 
     entries = args.lora_modules or {}
+    if isinstance(entries, str):  # from the command line: `serve run app:build_app lora_modules=a=/x,b=/y`
+        entries = [entry for entry in entries.replace(" ", ",").split(",") if entry]
     if isinstance(entries, list):
         if not all(isinstance(e, str) and "=" in e for e in entries):
             raise ValueError("lora_modules: a mapping of name -> directory, or a list of 'name=path' strings")

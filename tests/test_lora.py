@@ -84,6 +84,8 @@ def test_what_the_server_refuses_at_start(checkpoint, adapters, tmp_path):
     model_dir = checkpoint("llama")
     args = BuilderArgs(model=model_dir, lora_modules=[f"sql={adapters['sql']}"])
     assert lora_adapters(args, model_dir, "llama", ["none", "none"], False) == {"sql": adapters["sql"]}
+    both = BuilderArgs(model=model_dir, lora_modules=f"sql={adapters['sql']},poet={adapters['poet']}")
+    assert lora_adapters(both, model_dir, "llama", ["none"], False) == adapters  # as `serve run` passes it
     with pytest.raises(ValueError, match="quantized"):
         lora_adapters(args, model_dir, "llama", ["int8", "none"], False)
     with pytest.raises(ValueError, match="encoder"):
