@@ -69,6 +69,7 @@ class BeamSearch:
                  length_penalty: float = 1.0, early_stopping: bool | str = False, min_tokens: int = 0):
         if width < 1 or max_tokens < 1:
             raise ValueError("beam search needs a width and a token budget of at least 1")
+        self.options = (width, max_tokens, eos_token_ids, length_penalty, early_stopping, min_tokens)
         self.width, self.max_tokens, self.eos = width, max_tokens, frozenset(eos_token_ids)
         self.length_penalty, self.early_stopping, self.min_tokens = length_penalty, early_stopping, min_tokens
         self.keep = max(2, 1 + len(self.eos)) * width
@@ -113,8 +114,11 @@ class BeamSearch:
         self.improvable = self.improvable and best > self.finished[-1].score
 
     def best(self) -> list[Hypothesis]:
-        """The finished hypotheses, best first (when done)."""
-        return self.finished
+        """The finished hypotheses, best first (when done), `width` of them: running beams, scored
+        as if they ended now, fill the places no hypothesis took."""
+        running = [Hypothesis(beam.tokens, beam.score / max(len(beam.tokens), 1) ** self.length_penalty, False)
+                   for beam in self.running]
+        return (self.finished + sorted(running, key=lambda h: -h.score))[:self.width]
 
 
 class BeamGroup:
@@ -137,17 +141,46 @@ class BeamGroup:
     def width(self) -> int:
         return len(self.seqs)
 
+    def kv_tokens(self, block_size: int) -> int:
+        """The KV cache the search may take at most: the prompt once, and each beam's tokens after
+        it plus the partly filled block it copies when it forks."""
+        seq = self.seqs[0]
+        return len(seq.prompt_ids) + self.width * (self.search.max_tokens + block_size)
+
+    def idle(self) -> bool:
+        """No sequence of the group is in a step."""
+        return not any(seq.in_flight for seq in self.seqs)
+
+    def restart(self) -> None:
+        """Back to the prompt (the group was pre-empted: its blocks and slots are gone); the search
+        starts again from its first step, and ends as it would have."""
+        self.search, self.reports = BeamSearch(*self.search.options), {}
+        for i, seq in enumerate(self.seqs):
+            seq.route = seq.tables = seq.slots = None
+            seq.output_ids, seq.num_cached, seq.parked = [], 0, i > 0
+
     def report(self, seq: Sequence, choice: Choice) -> bool:
         """A slot's next tokens; whether every running slot has reported."""
         self.reports[self.seqs.index(seq)] = list(choice.top or [])
         return len(self.reports) == len(self.search.running)
 
-    def advance(self) -> list[tuple[int, int]]:
-        """The step every running slot reported for: (the slot each new beam continues, its
-        token), one per slot in order; none once the search is done."""
+    def advance(self, pool: ReplicaPool, finish) -> None:
+        """The step every running slot reported for: each slot continues the beam the search
+        picked for it (`continue_beams`); once the search is done, slot i gets the i-th best
+        hypothesis as its output, its tokens as events, and `finish(seq, reason)`."""
+        from app.sampling import Choice  # app.sampling imports this module
+
         tops = [self.reports[i] for i in range(len(self.search.running))]
         self.reports.clear()
-        return self.search.step(tops)
+        picks = self.search.step(tops)
+        if not self.search.done:
+            self.continue_beams(picks, pool)
+            return
+        for seq, hypothesis in zip(self.seqs, self.search.best()):
+            seq.output_ids = list(hypothesis.tokens)
+            for token in hypothesis.tokens:
+                seq.events.put_nowait(("token", seq, Choice(token)))
+            finish(seq, "stop" if hypothesis.ended else "length")
 
     def continue_beams(self, picks: list[tuple[int, int]], pool: ReplicaPool) -> None:
         """Slot i takes the tokens of the beam `picks[i]` continues, plus its token, and a fork of

@@ -24,7 +24,6 @@ import logging
 import time
 
 from app import wire
-from app.beam import BeamGroup
 from app.metrics import IngressMetrics
 from app.step import build_step
 from app.pipeline import StepFailed
@@ -121,9 +120,11 @@ class Engine:
 
         Raises:
             Overloaded: the waiting queue is full.
-            TooLong: its prompt and `max_tokens` need more KV cache than a stage holds.
+            TooLong: its prompt and `max_tokens` (a beam search: each beam's) need more KV cache
+                than a stage holds.
         """
-        need = len(seq.prompt_ids) + seq.params.max_tokens
+        need = len(seq.prompt_ids) + seq.params.max_tokens if seq.beam is None else \
+            seq.beam.kv_tokens(max((r.block_size for r in self.replicas.values()), default=16))
         if self.pool.available() and need > self.pool.max_sequence_tokens():
             raise TooLong(f"the prompt and max_tokens need {need} tokens of KV cache; a stage of this "
                           f"deployment holds {self.pool.max_sequence_tokens()}")
@@ -310,8 +311,9 @@ class Engine:
                 self.metrics.first_token(now - seq.arrival)
             if seq.beam is None:
                 self._append(seq, choice)
-            elif seq.beam.report(seq, choice):
-                self._advance_beams(seq.beam)
+            elif seq.beam.report(seq, choice):  # every beam has its next tokens: the search picks
+                seq.beam.advance(self.pool, self._finish)
+                self._wake.set()
         self.metrics.generated_tokens(sum(not isinstance(c, Exception) for _, c in chosen))
 
     def _append(self, seq: Sequence, choice: Choice) -> None:
@@ -320,21 +322,6 @@ class Engine:
         seq.events.put_nowait(("token", seq, choice))
         if reason is not None:
             self._finish(seq, reason)
-
-    def _advance_beams(self, group: BeamGroup) -> None:
-        """Every running beam of `group` has its next tokens: the search picks the beams that go
-        on, and each slot takes its beam's tokens and a fork of its KV blocks (on another route, a
-        replay); once the search is done, slot i gets the i-th best hypothesis as its output."""
-        picks = group.advance()
-        if group.search.done:
-            for seq, hypothesis in zip(group.seqs, group.search.best()):
-                seq.output_ids = list(hypothesis.tokens)
-                for token in hypothesis.tokens:
-                    seq.events.put_nowait(("token", seq, Choice(token)))
-                self._finish(seq, "stop" if hypothesis.ended else "length")
-            return
-        group.continue_beams(picks, self.pool)
-        self._wake.set()
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

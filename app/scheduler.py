@@ -101,19 +101,28 @@ class Scheduler:
                     kept: list[Row]) -> bool:
         """Whether the row's sequence has blocks for its tokens on every replica of its route, and
         blocks of its own where it writes into blocks a beam shares (`row.copies`), pre-empting the
-        most recently admitted sequences not in a step (nor kept for this one, nor beams, which
-        go on together) until it does."""
+        most recently admitted sequences not in a step (nor kept for this one) until it does. A
+        beam search is pre-empted whole, when none of its sequences is in a step or this one's
+        group, and starts again from its prompt."""
         seq, taken = row.seq, {id(r.seq) for r in kept}
+        mine = set(map(id, seq.beam.seqs)) if seq.beam is not None else {id(seq)}
         while not self._claim(row, pool):
-            victims = [s for s in running if not s.in_flight and s is not seq and s.route is not None
-                       and id(s) not in taken and s.beam is None]
+            victims = [s for s in running if not s.in_flight and id(s) not in mine and s.route is not None
+                       and id(s) not in taken and (s.beam is None or s.beam.idle()
+                                                   and not taken & set(map(id, s.beam.seqs)))]
             if not victims:
                 return False  # it waits for a step in flight to end
             victim = victims[-1]
-            running.remove(victim)
-            pool.release(victim)
-            victim.route = victim.tables = victim.slots = None
-            victim.num_cached = 0
+            for other in victim.beam.seqs if victim.beam is not None else [victim]:
+                if other in running:
+                    running.remove(other)
+                if other.route is not None:
+                    pool.release(other)
+                other.route = other.tables = other.slots = None
+                other.num_cached = 0
+            if victim.beam is not None:
+                victim.beam.restart()
+                victim = victim.beam.seqs[0]
             waiting.insert(0, victim)
             self.preempted.append(victim)
         return True

@@ -148,3 +148,41 @@ def test_what_beam_search_refuses(checkpoint):
         ok = client.post("/v1/completions", json={**base, "temperature": 0, "stop": ["zzz"]})
         assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
         assert engine.num_running == 0
+
+
+def test_beam_searches_that_outgrow_the_kv_pool_are_preempted_whole_and_start_again():
+    """Three searches of 4 beams whose blocks do not fit the pool together (before, their beams
+    waited for one another's blocks for ever): a search is pre-empted whole (never a beam of it
+    alone) and searches again from its prompt; each ends with transformers' beams. A search that
+    could never fit gets 400."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app import default_model
+
+    model_dir = default_model.default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = ["Once upon a time, there was a", "The three primary colors are", "To make a cup of tea, first"]
+    expected = [[tokenizer.decode(b, skip_special_tokens=True) for b in beam_reference(model, tokenizer(p).input_ids, 4)]
+                for p in prompts]
+    with local_app(model_dir, [(0, 15), (15, 30)], name="m", max_batch_size=12, max_model_len=256,
+                   kv_tokens=160) as (client, engine, _):
+        texts = [None] * len(prompts)
+
+        def run(i):
+            body = {"model": "m", "prompt": prompts[i], "n": 4, "max_tokens": 16, "use_beam_search": True}
+            texts[i] = [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]]
+
+        import threading
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)  # beams that wait for one another's blocks would wait for ever
+        assert texts == expected
+        assert engine.stats["preempted"] >= 1
+        too_long = client.post("/v1/completions", json={"model": "m", "prompt": "Hi", "n": 8, "max_tokens": 64,
+                                                         "use_beam_search": True})
+        assert too_long.status_code == 400, too_long.text
+        assert engine.num_running == 0 and all(r["blocks"]["used"] == 0 for r in engine.replica_load())
