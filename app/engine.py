@@ -126,8 +126,10 @@ class Engine:
         need = len(seq.prompt_ids) + seq.params.max_tokens if seq.beam is None else \
             seq.beam.kv_tokens(max((r.block_size for r in self.replicas.values()), default=16))
         if self.pool.available() and need > self.pool.max_sequence_tokens():
-            raise TooLong(f"the prompt and max_tokens need {need} tokens of KV cache; a stage of this "
-                          f"deployment holds {self.pool.max_sequence_tokens()}")
+            what = "the prompt and max_tokens" if seq.beam is None else \
+                f"the prompt and {seq.beam.width} beams of max_tokens ({seq.params.max_tokens}) each"
+            raise TooLong(f"{what} need {need} tokens of KV cache; a stage of this deployment holds "
+                          f"{self.pool.max_sequence_tokens()}")
         if len(self.waiting) >= self.config.max_queued_requests + self.num_free_slots:
             raise Overloaded(f"{len(self.waiting)} sequences are waiting for a slot")
         self.waiting.append(seq)

@@ -145,8 +145,11 @@ def test_what_beam_search_refuses(checkpoint):
         chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "use_beam_search": True,
                 "stream": True}
         assert client.post("/v1/chat/completions", json=chat).status_code == 400
-        ok = client.post("/v1/completions", json={**base, "temperature": 0, "stop": ["zzz"]})
-        assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+        ok = client.post("/v1/completions", json={**base, "temperature": 0, "stop": ["zzz"],
+                                                  "prompt": ["the city", "a river"]})  # a search per prompt
+        assert ok.status_code == 200 and [c["index"] for c in ok.json()["choices"]] == [0, 1, 2, 3]
+        too_long = client.post("/v1/completions", json={**base, "max_tokens": None, "n": 4})  # 4 x 509 tokens
+        assert too_long.status_code == 400 and "4 beams of max_tokens" in too_long.json()["error"]["message"]
         assert engine.num_running == 0
 
 
