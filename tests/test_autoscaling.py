@@ -113,6 +113,7 @@ def test_stages_scale_up_under_load_and_drain_when_it_falls(checkpoint):
           f"{health['engine']['moved'] - moved_before} sequences moved")
 
 
+@pytest.mark.slow  # 40 s of start-up for config plumbing; the default suite keeps the scale-up test
 @pytest.mark.parametrize("stage", ["Stage1"])
 def test_one_stage_overridden_in_the_config(checkpoint, stage):
     """`deployments:` in serve_config.yaml overrides one stage's autoscaling (here: fixed at 2)."""

@@ -1,5 +1,6 @@
 """LoRA adapters per request: served beside the model, each request naming one (or the model) as
-its `model`, rows of different adapters in one step, each answer equal to peft's `PeftModel`."""
+its `model`, rows of different adapters in one step, each answer equal to peft's `PeftModel`.
+Through `serve run`: `tests/test_serve.py::test_lora_adapters_and_beams`."""
 
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ PROMPT = "the city of Paris and the river and the stone garden at night with mus
 TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def adapters(checkpoint, tmp_path_factory) -> dict[str, str]:
-    model_dir = checkpoint("llama")
-    root = tmp_path_factory.mktemp("lora")
+def two_adapters(model_dir: str, root) -> dict[str, str]:
+    """Two random, non-zero adapters of the test Llama (ranks 4 and 8), name -> directory."""
     return {"sql": build_adapter(model_dir, str(root / "sql"), 1, r=4, lora_alpha=8,
                                  target_modules=["q_proj", "v_proj"]),
             "poet": build_adapter(model_dir, str(root / "poet"), 2, r=8, lora_alpha=16,
                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"])}
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoint, tmp_path_factory) -> dict[str, str]:
+    return two_adapters(checkpoint("llama"), tmp_path_factory.mktemp("lora"))
 
 
 def run_together(client, names: list[str]) -> list[str]:
@@ -104,35 +108,3 @@ def test_what_the_server_refuses_at_start(checkpoint, adapters, tmp_path):
         lora_adapters(BuilderArgs(model=model_dir, lora_modules={"wrong": str(wrong)}), model_dir, "llama",
                       ["none"], False)
 
-
-def test_adapters_and_beams_through_serve(checkpoint, adapters):
-    """`serve run` with `lora_modules` (vLLM's 'name=path' form): the adapters listed, one answering
-    as peft does beside the model, and a beam search's beams through the same deployment."""
-    import openai
-
-    from tests.serving import ServeRun
-
-    model_dir = checkpoint("llama")
-    expected = [greedy_text(model_dir, PROMPT, TOKENS, adapter=adapters["poet"]), greedy_text(model_dir, PROMPT, TOKENS)]
-    args = {"model": model_dir, "num_stages": 2, "served_model_name": "llama", "max_loras": 2,
-            "lora_modules": [f"{name}={path}" for name, path in adapters.items()]}
-    with ServeRun(args) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-        assert [m.id for m in client.models.list()] == ["llama", "sql", "poet"]
-        texts = [None, None]
-
-        def run(i, name):
-            texts[i] = client.completions.create(model=name, prompt=PROMPT, max_tokens=TOKENS, temperature=0,
-                                                 extra_body={"ignore_eos": True}).choices[0].text
-
-        threads = [threading.Thread(target=run, args=(i, name)) for i, name in enumerate(["poet", "llama"])]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert texts == expected
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model="prose", prompt="the", max_tokens=2)
-        beams = client.completions.create(model="sql", prompt=PROMPT, max_tokens=4, n=3,
-                                          extra_body={"use_beam_search": True})
-        assert len(beams.choices) == 3 and len({c.text for c in beams.choices}) == 3

@@ -45,11 +45,19 @@ def stream_text(server: ServeRun, body: dict) -> tuple[str, list[dict], list[flo
 
 # Every architecture is checked in one process (`test_api`); through `serve run`, two in the
 # default suite and the other two with `-m slow` (each start is about 30 s).
+# The llama application also serves two LoRA adapters (`server.adapters`: name -> directory).
 @pytest.fixture(scope="module", params=["llama", "gpt2", pytest.param("qwen2", marks=pytest.mark.slow),
                                         pytest.param("mistral", marks=pytest.mark.slow)])
-def served(request, checkpoint):
+def served(request, checkpoint, tmp_path_factory):
+    from tests.test_lora import two_adapters
+
     model_dir = checkpoint(request.param)
-    with ServeRun({"model": model_dir, "num_stages": 3, "max_model_len": 512}) as server:
+    args = {"model": model_dir, "num_stages": 3, "max_model_len": 512}
+    adapters = two_adapters(model_dir, tmp_path_factory.mktemp("lora")) if request.param == "llama" else {}
+    if adapters:  # vLLM's 'name=path' form
+        args.update(lora_modules=[f"{name}={path}" for name, path in adapters.items()], max_loras=2)
+    with ServeRun(args) as server:
+        server.adapters = adapters
         yield request.param, model_dir, server
 
 
@@ -71,7 +79,7 @@ def test_openai_client(served):
     if arch != "llama":
         pytest.skip("the client is exercised once, on llama")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-    assert [m.id for m in client.models.list()] == ["llama"]
+    assert [m.id for m in client.models.list()] == ["llama", "sql", "poet"]  # the model, then its adapters
 
     done = client.completions.create(model="llama", prompt=PROMPTS[0], max_tokens=16, temperature=0)
     assert done.choices[0].text == expected_text(model_dir, PROMPTS[0], 16)
@@ -113,3 +121,37 @@ def test_first_chunk_arrives_long_before_the_last(served):
                                             "ignore_eos": True, "temperature": 0})
     assert len(chunks) > 50
     assert times[0] < 0.2 * times[-1], (times[0], times[-1])
+
+
+def test_lora_adapters_and_beams(served):
+    """Through `serve run`: an adapter answering as peft does while the model answers beside it, 404
+    for a name not served, and a beam search with an adapter (`tests/test_lora.py` and
+    `tests/test_beam.py` check both in process)."""
+    import threading
+
+    from tests.reference import greedy_text
+    from tests.test_lora import PROMPT, TOKENS
+
+    arch, model_dir, server = served
+    if not server.adapters:
+        pytest.skip("adapters are served with llama")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    expected = [greedy_text(model_dir, PROMPT, TOKENS, adapter=server.adapters["poet"]),
+                greedy_text(model_dir, PROMPT, TOKENS)]
+    texts = [None, None]
+
+    def run(i, name):
+        texts[i] = client.completions.create(model=name, prompt=PROMPT, max_tokens=TOKENS, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+    threads = [threading.Thread(target=run, args=(i, name)) for i, name in enumerate(["poet", arch])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert texts == expected
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="prose", prompt="the", max_tokens=2)
+    beams = client.completions.create(model="sql", prompt=PROMPT, max_tokens=4, n=3,
+                                      extra_body={"use_beam_search": True})
+    assert len(beams.choices) == 3 and len({c.text for c in beams.choices}) == 3
