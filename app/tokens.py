@@ -4,7 +4,8 @@
 `add_special_tokens: false`) or chat `messages` (rendered with the model's chat template, as chat
 renders them; no special tokens added a second time unless `add_special_tokens: true`), and answers
 the token ids, their count and the model's context length. `/detokenize` takes token ids and
-answers the text. `model` may be left out; when given it must be the served model's name.
+answers the text. `model` may be left out; when given it must be the served model's name or one of
+its LoRA adapters' (which share its tokenizer).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def add_routes(app: FastAPI, serving) -> None:
     model = serving.model
 
     def check_model(name: Optional[str]) -> None:
-        if name is not None and name != model.name:
+        if name is not None and model.adapter_index(name) is None:  # the model or one of its LoRA adapters
             raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
     @app.post("/tokenize")

@@ -60,6 +60,8 @@ def test_two_adapters_and_the_model_in_one_batch_equal_peft(checkpoint, adapters
         listed = client.get("/v1/models").json()["data"]
         assert [(m["id"], m["parent"]) for m in listed] == [("model", None), ("sql", "model"), ("poet", "model")]
         assert client.get("/v1/models/poet").json()["root"] == adapters["poet"]
+        tokenized = client.post("/tokenize", json={"model": "sql", "prompt": "the city"})
+        assert tokenized.status_code == 200 and tokenized.json()["tokens"]  # an adapter shares the tokenizer
         for name in ("nope", "sql2"):
             r = client.post("/v1/completions", json={"model": name, "prompt": "the", "max_tokens": 2})
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
