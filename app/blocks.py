@@ -119,12 +119,17 @@ class BlockPool:
         if needed > len(self._free):
             return False
         for _ in range(needed):
-            block = self._next_block(table.blocks[-1] if table.blocks else None, needed)
-            self._evict(block)
-            self._take(block)
-            table.blocks.append(block)
+            table.blocks.append(self._take_free(table.blocks[-1] if table.blocks else None, needed))
             needed -= 1
         return True
+
+    def _take_free(self, last: int | None, needed: int) -> int:
+        """Takes the free block a table ending at `last` that needs `needed` more gets next
+        (`_next_block`), evicting the prefix it held."""
+        block = self._next_block(last, needed)
+        self._evict(block)
+        self._take(block)
+        return block
 
     def _next_block(self, last: int | None, needed: int) -> int:
         """The block a table ending at `last` takes next. Attention reads a run of consecutive
@@ -196,10 +201,7 @@ class BlockPool:
             return None
         copies = []
         for index in shared:
-            source = table.blocks[index]
-            block = self._next_block(table.blocks[index - 1] if index else None, 1)
-            self._evict(block)
-            self._take(block)
+            source, block = table.blocks[index], self._take_free(table.blocks[index - 1] if index else None, 1)
             self._refs[source] -= 1
             table.blocks[index] = block
             copies.append((source, block))
