@@ -152,12 +152,11 @@ class BeamGroup:
         return not any(seq.in_flight for seq in self.seqs)
 
     def restart(self) -> None:
-        """Back to the prompt (the group was pre-empted: its blocks and slots are gone); the search
-        starts again from its first step, and ends as it would have."""
+        """Back to the prompt, after the scheduler pre-empted the group (took its blocks and
+        slots): the search starts again from its first step, and ends as it would have."""
         self.search, self.reports = BeamSearch(*self.search.options), {}
         for i, seq in enumerate(self.seqs):
-            seq.route = seq.tables = seq.slots = None
-            seq.output_ids, seq.num_cached, seq.parked = [], 0, i > 0
+            seq.output_ids, seq.parked = [], i > 0
 
     def report(self, seq: Sequence, choice: Choice) -> bool:
         """A slot's next tokens; whether every running slot has reported."""
