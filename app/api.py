@@ -79,10 +79,11 @@ def create_app(engine: Engine, model: ModelInfo, metrics=None, announced=None, a
         return FileResponse(CHAT_PAGE, media_type="text/html")
 
     # the model, then its LoRA adapters as vLLM lists them (root: the adapter's directory)
-    cards = {name: ModelCard(id=name, created=model.created, root=root, parent=parent,
-                             max_model_len=model.max_model_len)
-             for name, root, parent in [(model.name, model.name, None)]
-             + [(name, path, model.name) for name, path in model.adapters.items()]}
+    cards = {model.name: ModelCard(id=model.name, created=model.created, root=model.name,
+                                   max_model_len=model.max_model_len)}
+    for name, path in model.adapters.items():
+        cards[name] = ModelCard(id=name, created=model.created, root=path, parent=model.name,
+                                max_model_len=model.max_model_len)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
