@@ -41,13 +41,20 @@ class Registry:
         self.ttl_s = ttl_s
         self._replicas: dict[str, tuple[float, dict]] = {}
 
-    def announce(self, replica: dict) -> dict:
+    def announce(self, replica: dict, secret: bytes | None = None) -> dict:
         """`replica`: {"id", "stage", "start", "end", "node", "state", "error", "address", "num_slots",
         "draining"}; `state` is "starting", "failed" (with `error`) or "ready" (with `address`).
+
+        `secret`: the one the replica knows. Until it announces with this application's, it is not
+        ready to anyone and its address is not given out: a peer would reach it before it could
+        answer the handshake (the first announcement, or the first to a new ingress's registry).
 
         Returns:
             {"secret", "addresses"}: the data plane's secret and the application's addresses.
         """
+        if secret != self.secret:
+            replica = {**replica, "address": None,
+                       "state": "starting" if replica.get("state") == "ready" else replica.get("state")}
         self._replicas[replica["id"]] = (time.monotonic(), replica)
         return {"secret": self.secret, "addresses": self.addresses()}
 
@@ -95,8 +102,11 @@ class Announcer:
         try:
             if self._registry is None:
                 self._registry = ray.get_actor(self.name)
-            heard = ray.get(self._registry.announce.remote(self.replica), timeout=5)
-            self.secret, self.addresses = heard["secret"], frozenset(heard["addresses"])
+            heard = ray.get(self._registry.announce.remote(self.replica, self.secret), timeout=5)
+            if heard["secret"] != self.secret:  # the first, or a new ingress's: now say we know it
+                self.secret = heard["secret"]
+                heard = ray.get(self._registry.announce.remote(self.replica, self.secret), timeout=5)
+            self.addresses = frozenset(heard["addresses"])
             return True
         except Exception:  # noqa: BLE001 - no ingress yet, or it is being replaced: look it up again
             self._registry = None

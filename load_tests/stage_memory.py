@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,7 +100,10 @@ def measure(model_dir: str, num_stages: int, quantization: str = "none", load: i
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", headers={
             "Content-Type": "application/json"}, data=json.dumps({"model": os.path.basename(model_dir),
                                                                   "prompt": "the city", "max_tokens": 4}).encode())
-        urllib.request.urlopen(request, timeout=120).read()
+        try:
+            urllib.request.urlopen(request, timeout=120).read()
+        except urllib.error.HTTPError as exc:  # say what the server said
+            raise SystemExit(f"the first request got {exc.code}: {exc.read().decode(errors='replace')}") from exc
         answers = serve_load(f"http://127.0.0.1:{port}", os.path.basename(model_dir), load_prompts(load)) if load else []
         serve.run(serve.deployment(Bare, ray_actor_options={"num_cpus": 0}).bind(), name="bare",
                   route_prefix="/bare")
