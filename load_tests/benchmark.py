@@ -11,7 +11,8 @@ compares, end to end over HTTP at the client:
   (c) time to first token for a 256-token prompt against `generate(max_new_tokens=1)`.
 Prompts of (a) and (b) are 24 tokens. Every round takes prompts of its own, so that the server's
 prefix cache does not answer a later round from an earlier one's blocks. The baseline runs warm, with torch's default threads,
-while the server is idle. Prints each round's ratios, then the median of the rounds and their ratios (>1: stagewise faster).
+while the server is idle. Prints each round's ratios, then the median of the rounds and their ratios (>1: stagewise faster),
+and how many of the machine's cores were busy while (b) streamed, and each Serve process's share (from /proc).
 Each stage has one replica (`stage_autoscaling: null`; `--extra` can change any builder arg).
 """
 
@@ -101,6 +102,35 @@ def server_ttft(url, model, prompt) -> float:
     return first
 
 
+def cpu_times() -> tuple[float, float, dict[str, float]]:
+    """(wall seconds, the machine's busy CPU seconds, CPU seconds of each Serve process by role),
+    from /proc (all zero where there is none)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy, roles = 0.0, {}
+    try:
+        fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+        busy = (sum(fields) - fields[3] - fields[4]) / ticks
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                command = open(f"/proc/{pid}/cmdline").read()
+                stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            role = next((r for r in ("Stage0", "Stage1", "Stage2", "Stage3", "Ingress", "ProxyActor") if r in command), None)
+            if role and command.startswith("ray::"):
+                roles[role] = roles.get(role, 0.0) + (int(stat[11]) + int(stat[12])) / ticks
+    except OSError:
+        pass
+    return time.monotonic(), busy, roles
+
+
+def cpu_shares(before, after) -> dict[str, float]:
+    """Cores each role kept busy between two `cpu_times()`, and the whole machine's ("busy")."""
+    wall = max(after[0] - before[0], 1e-9)
+    shares = {role: (after[2][role] - before[2].get(role, 0.0)) / wall for role in after[2]}
+    return {"busy": (after[1] - before[1]) / wall, **shares}
+
+
 def hf_generate(model, tokenizer, batch: list[list[int]], new_tokens: int) -> float:
     """Seconds for transformers to generate `new_tokens` for the left-padded batch."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -137,6 +167,7 @@ def main() -> None:
     hf_generate(model, tokenizer, shorts[0][1:], 4)
     results: dict[str, list[float]] = {k: [] for k in ("hf_single", "sw_single", "hf_batch", "sw_batch",
                                                        "hf_ttft", "sw_ttft")}
+    shares: list[dict[str, float]] = []  # cores busy while the server streams (b), by process
     with ServeRun(builder) as server:
         url, name = server.url, server.model
         server_single(url, name, shorts[0][0])  # warm
@@ -147,7 +178,9 @@ def main() -> None:
             results["hf_single"].append(NEW_TOKENS / hf_generate(model, tokenizer, [single], NEW_TOKENS))
             results["sw_single"].append(server_single(url, name, single))
             results["hf_batch"].append(NUM_STREAMS * NEW_TOKENS / hf_generate(model, tokenizer, short, NEW_TOKENS))
+            began = cpu_times()
             results["sw_batch"].append(server_concurrent(url, name, short))
+            shares.append(cpu_shares(began, cpu_times()))
             results["hf_ttft"].append(hf_generate(model, tokenizer, [long], 1))
             results["sw_ttft"].append(server_ttft(url, name, long))
             last = {k: v[-1] for k, v in results.items()}
@@ -163,8 +196,11 @@ def main() -> None:
           f"transformers {med['hf_batch']:7.1f} tok/s, ratio {med['sw_batch'] / med['hf_batch']:.2f}x")
     print(f"(c) TTFT, {LONG_PROMPT_TOKENS}-token prompt: stagewise {med['sw_ttft'] * 1000:7.1f} ms,  "
           f"transformers {med['hf_ttft'] * 1000:7.1f} ms,  ratio {med['hf_ttft'] / med['sw_ttft']:.2f}x")
+    cores = {k: statistics.median(r.get(k, 0.0) for r in shares) for k in shares[0]}
+    print(f"    while (b) streamed: {cores.pop('busy'):.2f} of {os.cpu_count()} cores busy; "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cores.items())))
     if args.json:
-        print(json.dumps({"median": med, "rounds": results, "builder": builder}))
+        print(json.dumps({"median": med, "rounds": results, "builder": builder, "cores": shares}))
 
 
 if __name__ == "__main__":
