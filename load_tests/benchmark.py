@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -116,9 +117,10 @@ def cpu_times() -> tuple[float, float, dict[str, float]]:
                 stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            role = next((r for r in ("Stage0", "Stage1", "Stage2", "Stage3", "Ingress", "ProxyActor") if r in command), None)
-            if role and command.startswith("ray::"):
-                roles[role] = roles.get(role, 0.0) + (int(stat[11]) + int(stat[12])) / ticks
+            role = re.match(r"ray::(?:ServeReplica:[^:]+:(\w+)|(ProxyActor))", command)  # a deployment's replica
+            if role:
+                name = role[1] or role[2]
+                roles[name] = roles.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / ticks
     except OSError:
         pass
     return time.monotonic(), busy, roles

@@ -248,6 +248,8 @@ def test_a_stage_is_ready_to_others_only_once_it_knows_the_secret(monkeypatch):
     """The registry gives out a stage's address only after the stage announced with the secret, so
     no step reaches a stage that cannot answer the handshake yet (CI's first request once got 500:
     three steps refused by a stage that was listed ready before it had stored the secret)."""
+    import types
+
     import ray
 
     from app.registry import Announcer, Registry
@@ -262,11 +264,8 @@ def test_a_stage_is_ready_to_others_only_once_it_knows_the_secret(monkeypatch):
     assert [(r["state"], r["address"]) for r in registry.replicas()] == [("ready", "10.0.0.2:7000")]
 
     # a stage's announcer learns the secret and says it knows it in the same announcement
-    class Actor:
-        class announce:
-            remote = staticmethod(Registry.announce.__get__(Registry(b"t" * 32, "10.0.0.1:9000")))
-
-    actor = Actor()
+    other = Registry(b"t" * 32, "10.0.0.1:9000")  # the actor, called in place
+    actor = types.SimpleNamespace(announce=types.SimpleNamespace(remote=other.announce))
     monkeypatch.setattr(ray, "get_actor", lambda name: actor)
     monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
     announcer = Announcer.__new__(Announcer)
