@@ -244,8 +244,9 @@ class Sampler:
             logits: (B, V) each row's last position's logits.
             want: per row, 0 (nothing), 1 (its greedy token) or 2 (sampled by its spec).
         """
-        finite = torch.isfinite(logits).all(dim=-1)
-        tokens = torch.where(finite, logits.argmax(dim=-1), NOT_FINITE)
+        best, argmax = logits.max(dim=-1)  # NaN and infinities show in a row's max or min: one pass each
+        finite = torch.isfinite(best) & torch.isfinite(logits.amin(dim=-1))
+        tokens = torch.where(finite, argmax, NOT_FINITE)
         tokens = torch.where(torch.tensor(want, dtype=torch.long) == 1, tokens, NOT_FINITE)
         logprobs = torch.full((len(want),), float("nan"))
         top_ids, top_logprobs = [], []
