@@ -124,7 +124,9 @@ class PipelineClient:
                             tuple(scoring), tuple(tuple(map(tuple, stage)) for stage in copies) if any(copies or ())
                             else (), tuple(adapters) if any(adapters) else ())
         try:
-            await asyncio.to_thread(self._out.send, route[0], message)
+            rest = self._out.send_nowait(route[0], message)  # on the loop: a thread's turn can take ms
+            if rest is not None:
+                await asyncio.to_thread(rest)
             return await asyncio.wait_for(future, timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise StepFailed(f"step {step_id} failed: {exc!r}") from exc

@@ -86,6 +86,43 @@ class Connections:
                     if attempt:
                         raise
 
+    def send_nowait(self, address: str, message: wire.Message):
+        """Sends a message to `address` if that can be done without blocking: the connection
+        is open and not in use, and its socket takes the message at once.
+
+        Returns:
+            None when the message went whole; otherwise a function to call from a thread, which
+            sends it (connecting first if needed) or the part that did not go, and may block.
+        """
+        if not self._lock.acquire(blocking=False):
+            return lambda: self.send(address, message)
+        sock, sent = self._socks.get(address), 0
+        parts = wire.buffers(message)
+        try:
+            if sock is not None:
+                sent = sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(address)  # `send` connects again
+        if sock is None or sent == 0:
+            self._lock.release()
+            return lambda: self.send(address, message)
+        rest = b"".join(bytes(part) for part in parts)[sent:]
+        if not rest:
+            self._lock.release()
+            return None
+
+        def send_rest() -> None:  # the message is half written: the connection is ours until it is whole
+            try:
+                sock.sendall(rest)
+            except OSError:
+                self._drop(address)
+                raise
+            finally:
+                self._lock.release()
+        return send_rest
+
     def _drop(self, address: str) -> None:
         sock = self._socks.pop(address, None)
         if sock is not None:

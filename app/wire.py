@@ -140,12 +140,15 @@ def encode(message: Message) -> tuple[bytes, list[torch.Tensor]]:
     return LEN.pack(len(head)) + head + LEN.pack(total), tensors
 
 
-def send(sock: socket.socket, message: Message) -> None:
+def buffers(message: Message) -> list:
+    """The message's bytes as written: its head, then each tensor's bytes (not copied)."""
     head, tensors = encode(message)
-    sock.sendall(head)
-    for tensor in tensors:
-        if tensor.numel():
-            sock.sendall(tensor.view(-1).view(torch.uint8).numpy())
+    return [head] + [t.view(-1).view(torch.uint8).numpy() for t in tensors if t.numel()]
+
+
+def send(sock: socket.socket, message: Message) -> None:
+    for buffer in buffers(message):
+        sock.sendall(buffer)
 
 
 def _tensors_of(message: Message) -> list[torch.Tensor]:

@@ -272,3 +272,50 @@ def test_a_stage_is_ready_to_others_only_once_it_knows_the_secret(monkeypatch):
     announcer.name, announcer.replica, announcer.secret, announcer._registry = "x", ready, None, None
     assert announcer.announce()
     assert announcer.secret == b"t" * 32 and "10.0.0.2:7000" in announcer.addresses
+
+
+def test_a_message_goes_at_once_or_whole_from_a_thread():
+    """The ingress sends steps from its event loop (`Connections.send_nowait`): with no connection
+    open yet it sends nothing and hands the message to a thread, which connects; on an open
+    connection a message goes at once; one that the socket takes only part of goes on from a
+    thread, which holds the connection until it is whole. The receiver reads every message whole,
+    in order."""
+    from app.transport import Connections, listen
+
+    secret = b"s" * 32
+    server, address = listen()
+    accepted: list[socket.socket] = []
+
+    def accept():
+        sock, _ = server.accept()
+        wire.prove_server(sock, secret)
+        accepted.append(sock)
+
+    acceptor = threading.Thread(target=accept)
+    acceptor.start()
+    out = Connections(secret)
+    try:
+        rest = out.send_nowait(address, wire.Error(1, "first"))
+        assert rest is not None and not accepted  # not connected: nothing was sent from here
+        rest()
+        acceptor.join(10)
+        [sock] = accepted
+        assert out.send_nowait(address, wire.Error(2, "second")) is None
+        big = torch.arange(4 << 20, dtype=torch.float32).view(64, -1)  # 16 MiB: more than the buffers take
+        rest = out.send_nowait(address, wire.Result(3, big))
+        assert rest is not None
+        taken = out.send_nowait(address, wire.Error(4, "fourth"))
+        assert taken is not None  # the half-sent message's thread holds the connection
+        threads = [threading.Thread(target=rest), threading.Thread(target=taken)]
+        threads[0].start()
+        time.sleep(0.2)
+        threads[1].start()
+        received = [wire.recv(sock, wire.Limits()) for _ in range(4)]
+        for thread in threads:
+            thread.join(10)
+        assert [m.step for m in received] == [1, 2, 3, 4]
+        assert [m.message for m in received if isinstance(m, wire.Error)] == ["first", "second", "fourth"]
+        assert torch.equal(received[2].logits, big)
+    finally:
+        out.close()
+        server.close()
