@@ -163,10 +163,10 @@ class BeamGroup:
         self.reports[self.seqs.index(seq)] = list(choice.top or [])
         return len(self.reports) == len(self.search.running)
 
-    def advance(self, pool: ReplicaPool, finish) -> None:
+    def advance(self, pool: ReplicaPool, finish, emit) -> None:
         """The step every running slot reported for: each slot continues the beam the search
         picked for it (`continue_beams`); once the search is done, slot i gets the i-th best
-        hypothesis as its output, its tokens as events, and `finish(seq, reason)`."""
+        hypothesis as its output, its tokens as events (`emit(seq, event)`), and `finish(seq, reason)`."""
         from app.sampling import Choice  # app.sampling imports this module
 
         tops = [self.reports[i] for i in range(len(self.search.running))]
@@ -178,7 +178,7 @@ class BeamGroup:
         for seq, hypothesis in zip(self.seqs, self.search.best()):
             seq.output_ids = list(hypothesis.tokens)
             for token in hypothesis.tokens:
-                seq.events.put_nowait(("token", seq, Choice(token)))
+                emit(seq, ("token", seq, Choice(token)))
             finish(seq, "stop" if hypothesis.ended else "length")
 
     def continue_beams(self, picks: list[tuple[int, int]], pool: ReplicaPool) -> None:

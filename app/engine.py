@@ -30,7 +30,7 @@ from app.pipeline import StepFailed
 from app.replicas import ReplicaPool
 from app.sampling import Choice, choices, extend_prompt_logprobs, scored_prompts
 from app.scheduler import Scheduler
-from app.sequence import EngineConfig, Overloaded, Replica, Row, Sequence, TooLong
+from app.sequence import EngineConfig, Outbox, Overloaded, Replica, Row, Sequence, TooLong
 
 __all__ = ["Engine", "EngineConfig", "Overloaded", "Replica", "Row", "Sequence", "TooLong"]
 
@@ -69,6 +69,7 @@ class Engine:
         self.pool = ReplicaPool(num_stages, on_drained, config.prefix_caching)
         self.scheduler = Scheduler(config, num_stages)
         self._wake = asyncio.Event()
+        self.outbox = Outbox()  # held from a step's result until the next steps are sent
         self._epoch = 0  # bumped by each recovery: results of older steps are dropped
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -195,6 +196,7 @@ class Engine:
             raise
         except Exception as exc:  # noqa: BLE001 - the barrier
             logger.exception("the engine loop failed; its open sequences fail, and it starts again")
+            self.outbox.deliver()
             self.restarts += 1
             self._restart_times = [at for at in self._restart_times if time.monotonic() - at < 60]
             self._restart_times.append(time.monotonic())
@@ -220,6 +222,7 @@ class Engine:
             for route, rows in self.scheduler.next_batches(self.running, set(self.replicas), busy, self.waiting,
                                                            self.pool):
                 in_flight[asyncio.create_task(self._step(route, rows, self._epoch))] = route
+            self.outbox.deliver()  # the new steps' tasks run first: they send before the streams work
             if not in_flight and not self.waiting and not self.running:
                 return
             self._wake.clear()
@@ -232,6 +235,7 @@ class Engine:
                 if failure is not None:
                     await asyncio.gather(*in_flight, return_exceptions=True)
                     in_flight.clear()
+                    self.outbox.deliver()
                     await self._recover(failure, rows)
 
     def _admit(self) -> None:
@@ -283,6 +287,7 @@ class Engine:
 
     def _finish_step(self, rows: list[Row], result: wire.Result, specs: tuple, scoring: tuple,
                      route: tuple[str, ...]) -> None:
+        self.outbox.hold()
         sampled: list[tuple[int, Sequence]] = []  # the rows whose sequences get their next token
         scored = scored_prompts(result.sampled, specs, scoring)
         for i, row in enumerate(rows):
@@ -314,14 +319,14 @@ class Engine:
             if seq.beam is None:
                 self._append(seq, choice)
             elif seq.beam.report(seq, choice):  # every beam has its next tokens: the search picks
-                seq.beam.advance(self.pool, self._finish)
+                seq.beam.advance(self.pool, self._finish, self.outbox.put)
                 self._wake.set()
         self.metrics.generated_tokens(sum(not isinstance(c, Exception) for _, c in chosen))
 
     def _append(self, seq: Sequence, choice: Choice) -> None:
         reason = seq.append(choice.token, choice.logprob, self.config.max_model_len)
         self.stats["tokens"] += 1
-        seq.events.put_nowait(("token", seq, choice))
+        self.outbox.put(seq, ("token", seq, choice))
         if reason is not None:
             self._finish(seq, reason)
 
@@ -329,7 +334,7 @@ class Engine:
         seq.finish_reason = reason
         self._observe_finished(seq)
         self._release(seq)
-        seq.events.put_nowait(("finished", seq, reason))
+        self.outbox.put(seq, ("finished", seq, reason))
 
     def _observe_finished(self, seq: Sequence) -> None:
         if seq.first_token_at is not None and len(seq.output_ids) > 1:
@@ -346,7 +351,7 @@ class Engine:
         if seq in self.waiting:
             self.waiting.remove(seq)
         self._release(seq)
-        seq.events.put_nowait(("failed", seq, message))
+        self.outbox.put(seq, ("failed", seq, message))
         self._wake.set()
 
     async def _recover(self, failure: Exception, rows: list[Row]) -> None:
@@ -383,7 +388,7 @@ class Engine:
         for seq in list(self.running) + list(self.waiting):
             if not seq.finished:
                 seq.finish_reason = "error"
-                seq.events.put_nowait(("error", seq, message))
+                self.outbox.put(seq, ("error", seq, message))
             seq.in_flight = False
             self._release(seq)
         self.waiting.clear()

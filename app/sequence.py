@@ -175,6 +175,34 @@ class Row:
         return WANT_TOKEN if params.is_plain_greedy and not params.needs_logprob else WANT_SAMPLE
 
 
+class Outbox:
+    """The events for the clients' streams (tokens, ends, failures), in order.
+
+    While held (from a step's result until the next steps are sent), events wait here: the
+    streams' work (detokenizing, sending chunks) then runs after the next steps are on their way,
+    not before, so that it is not on every step's critical path. Not held: delivered at once.
+    """
+
+    def __init__(self):
+        self._held: list[tuple[Sequence, tuple]] | None = None
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def put(self, seq: Sequence, event: tuple) -> None:
+        if self._held is None:
+            seq.events.put_nowait(event)
+        else:
+            self._held.append((seq, event))
+
+    def deliver(self) -> None:
+        """Delivers what is held, in order, and stops holding."""
+        held, self._held = self._held or [], None
+        for seq, event in held:
+            seq.events.put_nowait(event)
+
+
 class Overloaded(Exception):
     """The waiting queue is full."""
 
