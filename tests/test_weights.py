@@ -52,6 +52,8 @@ def stage_infos(hosts: hosts_module.Hosts, num_stages: int) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # 90 s, two starts; the default suite keeps its 20 minutes, and the default model
+# across hosts below (the default suite) has its stage on the other host fetch its tensors too
 def test_a_stage_on_a_host_without_the_checkpoint_fetches_only_its_tensors(llama_125m):  # noqa: F811
     require_hosts()
     args = {"num_stages": "auto", "max_model_len": 256, "max_batch_size": 4, "plan_kv_tokens": 1024,
