@@ -94,10 +94,12 @@ class Connections:
             None when the message went whole; otherwise a function to call from a thread, which
             sends it (connecting first if needed) or the part that did not go, and may block.
         """
+        if address not in self._socks:  # not connected yet: the thread connects
+            return lambda: self.send(address, message)
+        parts = wire.buffers(message)  # encoded before the lock is taken: an error here leaves it free
         if not self._lock.acquire(blocking=False):
             return lambda: self.send(address, message)
         sock, sent = self._socks.get(address), 0
-        parts = wire.buffers(message)
         try:
             if sock is not None:
                 sent = sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
@@ -108,7 +110,7 @@ class Connections:
         if sock is None or sent == 0:
             self._lock.release()
             return lambda: self.send(address, message)
-        rest = b"".join(bytes(part) for part in parts)[sent:]
+        rest = b"".join(parts)[sent:]
         if not rest:
             self._lock.release()
             return None

@@ -306,10 +306,9 @@ def test_a_message_goes_at_once_or_whole_from_a_thread():
         assert rest is not None
         taken = out.send_nowait(address, wire.Error(4, "fourth"))
         assert taken is not None  # the half-sent message's thread holds the connection
-        threads = [threading.Thread(target=rest), threading.Thread(target=taken)]
-        threads[0].start()
-        time.sleep(0.2)
-        threads[1].start()
+        threads = [threading.Thread(target=rest), threading.Thread(target=taken)]  # the second waits for the first
+        for thread in threads:
+            thread.start()
         received = [wire.recv(sock, wire.Limits()) for _ in range(4)]
         for thread in threads:
             thread.join(10)
