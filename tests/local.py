@@ -36,11 +36,12 @@ def http_server(app):
 
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # The server gets the bound socket itself: a port number alone could be taken before it binds.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
@@ -49,6 +50,7 @@ def http_server(app):
     finally:
         server.should_exit = True
         thread.join(10)
+        sock.close()
 
 
 def model_info(model_dir: str, name: str, max_model_len: int) -> ModelInfo:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -59,9 +60,23 @@ def wait_for(predicate, timeout: float, period: float = 1.0) -> float:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now for a server that binds it later, outside the kernel's ephemeral range and Ray's
+    worker ports (10002-19999). A port from the ephemeral range (what binding port 0 gives) can be taken
+    by any outgoing connection before the server binds it: Serve's proxy then fails to start."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except OSError:
+        low, high = 32768, 60999
+    ports = [p for p in range(20000, 65536) if not low <= p <= high]
+    for port in random.Random().sample(ports, min(len(ports), 200)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port outside {low}-{high}")
 
 
 class ServeRun:

@@ -65,7 +65,7 @@ def test_auto_places_stages_on_the_planned_nodes(cluster, model_dir, tmp_path):
     assert len(planned) >= 2  # no node holds the model
     assert planned[0][0] == 0 and planned[-1][1] == 12
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="stagewise", route_prefix="/")
     wait_healthy(f"http://127.0.0.1:{port}", timeout=120)
 
