@@ -185,18 +185,33 @@ def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> t
 def _runs_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, parts: list, positions: torch.Tensor,
                     window: int | None, scale: float, softcap: float | None) -> torch.Tensor:
     """Queries `q` (H, g, T, D) of one row over its runs `parts` of the pool, each run's
-    softmax numerator and log-sum-exp combined; (H, g*T, D) float32."""
+    softmax numerator and log-sum-exp combined; (H, g*T, D) float32. The g query heads that
+    share a key head go as g*T queries over it, so no key is repeated. On the CPU each run is one
+    call of the fused kernel, which returns its log-sum-exp; elsewhere (and with a soft cap) the
+    scores are computed here."""
     heads, groups, new, dim = q.shape
-    qg = q.reshape(heads, groups * new, dim).float() * scale
+    fused = softcap is None and q.device.type == "cpu"
+    qg = q.reshape(1, heads, groups * new, dim)
+    if not fused:
+        qg = qg[0].float() * scale
     total, lse = None, None
     for fs, fe, logical in parts:
-        scores = torch.matmul(qg, key[0, :, fs:fe].transpose(1, 2).float())  # (H, g*T, L)
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        visible = _visible(positions, torch.arange(logical, logical + fe - fs, device=q.device), window)
-        scores = scores.masked_fill(~visible.repeat(groups, 1)[None], float("-inf"))
-        run_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (H, g*T, 1)
-        run_out = torch.matmul(torch.exp(scores - run_lse).nan_to_num(0.0), value[0, :, fs:fe].float())
+        visible = _visible(positions, torch.arange(logical, logical + fe - fs, device=q.device), window).repeat(groups, 1)
+        if fused:
+            mask = None if bool(visible.all()) else torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~visible, float("-inf"))
+            run_out, run_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qg, key[:, :, fs:fe], value[:, :, fs:fe], attn_mask=mask, scale=scale)
+            # the kernel gives a query that sees none of the run 0 as its log-sum-exp
+            run_out, run_lse = run_out[0].float(), run_lse[0, :, :, None].masked_fill(~visible.any(-1)[None, :, None],
+                                                                                     float("-inf"))
+        else:
+            scores = torch.matmul(qg, key[0, :, fs:fe].transpose(1, 2).float())  # (H, g*T, L)
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            scores = scores.masked_fill(~visible[None], float("-inf"))
+            run_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (H, g*T, 1)
+            run_out = torch.matmul(torch.exp(scores - run_lse).nan_to_num(0.0), value[0, :, fs:fe].float())
         if total is None:
             total, lse = run_out, run_lse
         else:
