@@ -37,8 +37,9 @@ class BuilderArgs(BaseModel):
     max_model_len: int | None = Field(None, ge=16, description="prompt + output; default min(model, 4096)")
     max_num_batched_tokens: int = Field(512, ge=1, description="tokens per step (vLLM's name): the decoding "
                                         "sequences' tokens, then chunks of prompts in what is left")
-    long_prefill_token_threshold: int = Field(32, ge=0, description="the most tokens of one prompt in a step "
-                                              "that carries decoding sequences (0: no cap)")
+    long_prefill_token_threshold: int = Field(32, ge=0, description="the tokens of a prompt's last chunk in a "
+                                              "step that carries decoding sequences, earlier chunks as many "
+                                              "as cost the same (0: no cap)")
     num_microbatches: int = Field(1, ge=1, le=64, description="steps in flight at once")
     max_queued_requests: int = Field(256, ge=0, description="waiting sequences before 503")
     max_beam_width: int = Field(8, ge=1, le=16, description="the widest beam search (use_beam_search) a request "
@@ -213,10 +214,27 @@ def engine_config(model_dir: str, args: BuilderArgs) -> EngineConfig:
     return EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_model_len,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         long_prefill_token_threshold=args.long_prefill_token_threshold,
+                        attention_cost_tokens=0 if encoder else attention_cost_tokens(model_dir, config),
                         num_microbatches=args.num_microbatches,
                         max_queued_requests=args.max_queued_requests, step_timeout_s=args.step_timeout_s,
                         max_step_failures=args.max_step_failures, prefix_caching=args.enable_prefix_caching,
                         max_beam_width=args.max_beam_width, max_loras=args.max_loras)
+
+
+def attention_cost_tokens(model_dir: str, config) -> int:
+    """Tokens of context whose attention costs a new token what its blocks' matrices cost it, in
+    FLOPs: a block multiplies a token by each of its parameters (2 FLOPs each) and a query meets
+    each key and value once per head (4 x heads x head_dim FLOPs). The scheduler sizes prompt
+    chunks by it. 0 (chunks by tokens) for a sliding window, where attention stops growing. On
+    the CPU attention does fewer FLOPs a second than the matrices, so a chunk's real cost grows
+    faster than this says: chunks are sized on the safe side."""
+    text = config.get_text_config()
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return 0
+    spec = placement.ModelSpec.from_model_dir(model_dir, dtype="float32")
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return round(sum(spec.block_params) / spec.num_layers / (2 * heads * head_dim))
 
 
 def wire_limits(args: BuilderArgs, config: EngineConfig):

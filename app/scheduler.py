@@ -176,15 +176,34 @@ class Scheduler:
         share = -(-on_route // self.config.num_microbatches)
         rows = [Row(seq, seq.num_cached, 1) for seq in decode[:max(share, 1)]]
         budget = self.config.max_num_batched_tokens - len(rows)
-        # Beside decode rows a prompt takes at most `long_prefill_token_threshold` tokens a step
-        # (vLLM's cap, which it applies to every step): on the CPU a step's time grows with its
-        # tokens, and every decoding sequence waits for the step. Alone it takes the budget.
+        # Beside decode rows a prompt's chunk costs at most what its last chunk of
+        # `long_prefill_token_threshold` tokens costs: every decoding sequence waits for the
+        # step. Alone it takes the budget.
         threshold = self.config.long_prefill_token_threshold
-        cap = threshold if rows and threshold else budget
         for seq in ready:
             if budget < 1:
                 break
             if seq.num_pending > 1 and not seq.needs_all_logits:
+                cap = self._chunk_cap(seq) if rows and threshold else budget
                 rows.append(Row(seq, seq.num_cached, min(seq.num_pending, budget, cap)))
                 budget -= rows[-1].num_new
         return rows
+
+    def _chunk_cap(self, seq: Sequence) -> int:
+        """The most of `seq`'s pending tokens a step beside decode rows carries: as many as cost
+        what its last `long_prefill_token_threshold` would. A token costs its blocks' matrices
+        plus attention to each token before it, `1 / attention_cost_tokens` of that each, so a
+        chunk costs more the later it comes and the early ones can be larger (vLLM caps every
+        chunk at the threshold: `attention_cost_tokens` 0)."""
+        threshold, scale = self.config.long_prefill_token_threshold, self.config.attention_cost_tokens
+        if not scale:
+            return threshold
+        end = seq.num_cached + seq.num_pending
+
+        def cost(start: int, n: int) -> float:  # in tokens without context
+            return n + (n * start + n * (n - 1) / 2) / scale
+
+        allowed = cost(max(end - threshold, 0), threshold)
+        # the largest n with cost(num_cached, n) <= allowed: n^2 / 2C + n (1 + (start - 1/2) / C) = allowed
+        a, b = 1 / (2 * scale), 1 + (seq.num_cached - 0.5) / scale
+        return max(threshold, int((-b + (b * b + 4 * a * allowed) ** 0.5) / (2 * a)))

@@ -28,8 +28,11 @@ class EngineConfig:
         max_num_batched_tokens: tokens per step (vLLM's name): a route's decode rows, then
             chunks of its prompts in what is left, so that a long prompt does not stall the
             sequences decoding around it.
-        long_prefill_token_threshold: the most tokens of one prompt in a step that also carries
-            decoding sequences (0: the budget), so that they are not stalled for long.
+        long_prefill_token_threshold: the tokens of a prompt's last chunk in a step that also
+            carries decoding sequences (0: the budget), so that they are not stalled for long;
+            its earlier chunks take as many tokens as cost the same (`attention_cost_tokens`).
+        attention_cost_tokens: tokens of context whose attention costs a new token what its
+            blocks' matrices cost it (0: chunks of `long_prefill_token_threshold` tokens).
         num_microbatches: steps in flight at once, each with its own share of the sequences.
         max_queued_requests: sequences waiting for a slot before new requests get a 503.
         step_timeout_s: a step that takes longer counts as failed (a hung stage).
@@ -47,6 +50,7 @@ class EngineConfig:
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512
     long_prefill_token_threshold: int = 0
+    attention_cost_tokens: int = 0
     num_microbatches: int = 1
     max_queued_requests: int = 256
     step_timeout_s: float = 60.0

@@ -101,6 +101,37 @@ def test_beside_decode_rows_a_prompt_takes_at_most_the_threshold_and_alone_the_b
     assert sizes == [[1, 4], [1, 4], [16], [6]]
 
 
+def test_beside_decode_rows_early_chunks_take_as_many_tokens_as_cost_the_prompt_s_last():
+    """A token costs 1 plus 1/16 for each token before it (`attention_cost_tokens` 16): the
+    prompt's last chunk of 4 tokens (at 56 of 60) costs 4 + (4 x 56 + 6) / 16 = 18.4, and every
+    chunk before it takes the most tokens that cost no more (13 at the start)."""
+    pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=64, long_prefill_token_threshold=4,
+                                       attention_cost_tokens=16), 2)
+    decoding, long = Sequence([1, 2, 3], SamplingParams(max_tokens=100), events=None), seq(60)
+    running, waiting = [], [decoding, long]
+    scheduler.admit(waiting, running, pool)
+    decoding.num_cached, decoding.output_ids = 3, [7]
+    chunks = []
+    while long.num_pending:
+        [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+        assert [row.num_new for row in rows][0] == 1  # the decoding sequence's token comes first
+        chunks += [(row.start, row.num_new) for row in rows if row.seq is long]
+        for row in rows:
+            row.seq.in_flight = False
+            row.seq.num_cached = row.start + row.num_new
+        decoding.output_ids.append(7)
+
+    def cost(start, n):
+        return n + (n * start + n * (n - 1) / 2) / 16
+
+    assert chunks[0] == (0, 13) and sum(n for _, n in chunks) == 60
+    for start, n in chunks[:-1]:  # each as large as the last chunk's cost allows; the last takes the rest
+        assert cost(start, n) <= cost(56, 4) < cost(start, n + 1)
+    assert [n for _, n in chunks] == sorted((n for _, n in chunks), reverse=True)
+    assert chunks[-2][1] >= 4
+
+
 def test_a_step_computes_at_most_the_budget_and_echo_steps_their_padding_included():
     """Mixed steps go packed (their tokens count once); steps of sequences that want every
     prompt position's logits go padded, and rows x widest stays within the budget (else a short
@@ -203,3 +234,21 @@ def test_the_old_name_of_the_step_budget_gets_a_clear_error():
     with pytest.raises(pydantic.ValidationError, match="max_prefill_tokens is now max_num_batched_tokens"):
         BuilderArgs(max_prefill_tokens=256)
     assert BuilderArgs(max_num_batched_tokens=256).long_prefill_token_threshold == 32
+
+
+def test_the_cost_of_attention_in_tokens_comes_from_the_model(tmp_path):
+    """A block's parameters (2 FLOPs each a token) over a query's 4 x heads x head_dim FLOPs per
+    token of context; a sliding window (attention stops growing) chunks by tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from app.builder import attention_cost_tokens
+    from tests.checkpoints import build_checkpoint
+
+    for arch, expected in (("llama", None), ("mistral", 0)):
+        model_dir = build_checkpoint(arch, str(tmp_path / arch))
+        config = AutoConfig.from_pretrained(model_dir)
+        if expected is None:
+            block = AutoModelForCausalLM.from_pretrained(model_dir).model.layers[0]
+            expected = round(sum(p.numel() for p in block.parameters()) / (2 * config.hidden_size))
+            assert expected > 0
+        assert attention_cost_tokens(model_dir, config) == expected
