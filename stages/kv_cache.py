@@ -61,6 +61,7 @@ class PagedRows:
     gather_index: torch.Tensor | None = None
     offsets: list[int] | None = None  # packed steps: where each row's tokens begin in the one row
     masks: dict = field(default_factory=dict)  # window -> (B, 1, T, L) mask of the gathered batch
+    plans: dict = field(default_factory=dict)  # (window, device, runs readable) -> `row_plans`
 
     @classmethod
     def build(cls, tables: list[list[int]], starts: list[int], num_new: list[int], width: int,
@@ -120,6 +121,39 @@ class PagedRows:
                 visible &= keys > queries - window
             self.masks[window] = visible[:, None].to(device)
         return self.masks[window]
+
+
+    def row_plans(self, window: int | None, device, runs_only: bool) -> list[tuple]:
+        """What each row's attention reads, worked out once a step for every layer with `window`:
+        (row, offset, new tokens, positions, parts, piece, mask). `piece` is the pool's keys the
+        row reads in one call (a slice of one run, or the index of many runs copied into one),
+        `mask` its (T, L) visibility (None: a single new token sees every key); `piece` is None
+        when the row's runs are read one by one: neither one run nor too many, or `runs_only`."""
+        cache_key = (window, str(device), runs_only)
+        if cache_key not in self.plans:
+            plans = []
+            for b, (start, new, runs) in enumerate(zip(self.starts, self.num_new, self.runs)):
+                # row b's queries: (b, 0 ..) when rows are padded, (0, offset ..) in a packed step
+                r, o = (0, self.offsets[b]) if self.offsets is not None else (b, 0)
+                positions = torch.arange(start, start + new, device=device)
+                first = 0 if window is None else max(0, start - window + 1)  # the first query's first key
+                parts = [(fs + max(first - logical, 0), fe, max(logical, first)) for fs, fe, logical in runs
+                         if logical + (fe - fs) > first]
+                piece = mask = None
+                if not runs_only and (len(parts) == 1 or len(parts) > MAX_RUNS):
+                    # One run is read as a view of the pool. Many short runs (sequences that grew
+                    # together take interleaved blocks) are copied into one piece: a few small calls
+                    # per run would cost far more than copying the row's context once.
+                    if len(parts) == 1:
+                        piece = slice(parts[0][0], parts[0][1])
+                    else:
+                        piece = torch.cat([torch.arange(fs, fe, device=device) for fs, fe, _ in parts])
+                    if new > 1:  # one new token sees every key of its (window-trimmed) runs
+                        logical = torch.cat([torch.arange(lg, lg + fe - fs, device=device) for fs, fe, lg in parts])
+                        mask = _visible(positions, logical, window)
+                plans.append((r, o, new, positions, parts, piece, mask))
+            self.plans[cache_key] = plans
+        return self.plans[cache_key]
 
 
 class PagedKVCache:
@@ -248,42 +282,28 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=paged_rows.gathered_mask(window, query.device),
                                              scale=scale, enable_gqa=groups > 1)
         return out.transpose(1, 2), None
-    out = query.new_zeros(num_rows, width, num_heads, dim)
-    for b, (start, new, runs) in enumerate(zip(paged_rows.starts, paged_rows.num_new, paged_rows.runs)):
-        # row b's queries: (b, 0 ..) when rows are padded, (0, offset ..) in a packed step
-        r, o = (0, paged_rows.offsets[b]) if paged_rows.offsets is not None else (b, 0)
+    outs = []
+    for r, o, new, positions, parts, piece, mask in paged_rows.row_plans(window, query.device, softcap is not None):
         q = query[r:r + 1, :, o:o + new]  # (1, Hq, T_b, D)
-        positions = torch.arange(start, start + new, device=query.device)
-        first = 0 if window is None else max(0, start - window + 1)  # the first query's first key
-        parts = [(fs + max(first - logical, 0), fe, max(logical, first)) for fs, fe, logical in runs
-                 if logical + (fe - fs) > first]
-        if softcap is None and (len(parts) == 1 or len(parts) > MAX_RUNS):
-            # One run is read as a view of the pool. Many short runs (sequences that grew together
-            # take interleaved blocks) are copied into one piece: a few small calls per run would
-            # cost far more than copying the row's context once.
-            if len(parts) == 1:
-                fs, fe, logical = parts[0]
-                keys, values = key[:, :, fs:fe], value[:, :, fs:fe]
-                logical = torch.arange(logical, logical + fe - fs, device=query.device)
-            else:
-                index = torch.cat([torch.arange(fs, fe, device=query.device) for fs, fe, _ in parts])
-                keys, values = key[:, :, index], value[:, :, index]
-                logical = torch.cat([torch.arange(lg, lg + fe - fs, device=query.device) for fs, fe, lg in parts])
-            # one new token sees every key of its (window-trimmed) runs
-            mask = _visible(positions, logical, window) if new > 1 else None
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
-                                                      enable_gqa=groups > 1)
-            out[r, o:o + new] = attended[0].transpose(0, 1)
+        if piece is not None:
+            outs.append(F.scaled_dot_product_attention(q, key[:, :, piece], value[:, :, piece], attn_mask=mask,
+                                                       scale=scale, enable_gqa=groups > 1))
             continue
         # Several runs: each run's softmax numerator and log-sum-exp, combined; queries a tile at a
         # time, so that the float32 scores of a long chunk over a long context stay bounded.
         q = q[0].reshape(key.shape[1], groups, new, dim)  # (H, g, T_b, D)
         context = sum(fe - fs for fs, fe, _ in parts)
         tile = max(1, SCORES_TILE_BYTES // (num_heads * context * 4))
-        for t0 in range(0, new, tile):
-            t1 = min(new, t0 + tile)
-            attended = _runs_attention(q[:, :, t0:t1], key, value, parts, positions[t0:t1], window, scale, softcap)
-            out[r, o + t0:o + t1] = attended.reshape(num_heads, t1 - t0, dim).transpose(0, 1).to(query.dtype)
+        tiles = [_runs_attention(q[:, :, t0:t0 + tile], key, value, parts, positions[t0:t0 + tile], window, scale,
+                                 softcap).reshape(num_heads, -1, dim) for t0 in range(0, new, tile)]
+        outs.append(torch.cat(tiles, dim=1)[None].to(query.dtype))
+    if paged_rows.offsets is not None:  # packed: the rows' tokens one after another
+        return torch.cat(outs, dim=2).transpose(1, 2), None
+    if all(new == width for new in paged_rows.num_new):
+        return torch.cat(outs, dim=0).transpose(1, 2), None
+    out = query.new_zeros(num_rows, width, num_heads, dim)
+    for b, attended in enumerate(outs):
+        out[b, :attended.shape[2]] = attended[0].transpose(0, 1)
     return out, None
 
 
