@@ -229,11 +229,15 @@ def test_float_stages_pack_their_linear_layers_and_quantized_ones_do_not(checkpo
     torch.testing.assert_close(last(hidden, *args), plain(hidden, *args), rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_stages_match_transformers_in_bfloat16(checkpoint):
-    """On the CPU a bfloat16 stage runs packed layers too (where oneDNN supports bfloat16)."""
+def test_bfloat16_stages_match_transformers_in_bfloat16(checkpoint, monkeypatch):
+    """On the CPU a bfloat16 stage runs packed layers too (where oneDNN supports bfloat16), and
+    reads a context of several runs of blocks with the fused kernel in bfloat16."""
     model_dir = checkpoint("llama")
     ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     expected = model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
     stages = [Stage(model_dir, start, end, dtype="bfloat16") for start, end in SPLITS[2]]
     assert greedy(stages, ids, 12) == expected[0, len(ids):].tolist()
+    monkeypatch.setattr("stages.kv_cache.GATHER_MAX_TOKENS", 0)
+    monkeypatch.setattr("stages.kv_cache.MAX_RUNS", 1000)  # every block its own run, read run by run
+    assert greedy(stages, ids, 12, interleaved(1)) == expected[0, len(ids):].tolist()
