@@ -179,12 +179,12 @@ class Scheduler:
         # Beside decode rows a prompt's chunk costs at most what its last chunk of
         # `long_prefill_token_threshold` tokens costs: every decoding sequence waits for the
         # step. Alone it takes the budget.
-        threshold = self.config.long_prefill_token_threshold
+        capped = bool(rows) and self.config.long_prefill_token_threshold > 0  # decode rows wait for this step
         for seq in ready:
             if budget < 1:
                 break
             if seq.num_pending > 1 and not seq.needs_all_logits:
-                cap = self._chunk_cap(seq) if rows and threshold else budget
+                cap = self._chunk_cap(seq) if capped else budget
                 rows.append(Row(seq, seq.num_cached, min(seq.num_pending, budget, cap)))
                 budget -= rows[-1].num_new
         return rows

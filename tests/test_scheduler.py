@@ -101,6 +101,18 @@ def test_beside_decode_rows_a_prompt_takes_at_most_the_threshold_and_alone_the_b
     assert sizes == [[1, 4], [1, 4], [16], [6]]
 
 
+def test_prompts_without_decode_rows_share_the_budget_uncapped():
+    """The threshold is for steps that carry decoding sequences: a step of prompts alone fills the
+    budget, the second prompt taking what the first left."""
+    pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=16, long_prefill_token_threshold=4,
+                                       attention_cost_tokens=16), 2)
+    running, waiting = [], [seq(6), seq(30)]
+    scheduler.admit(waiting, running, pool)
+    [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+    assert [row.num_new for row in rows] == [6, 10]
+
+
 def test_beside_decode_rows_early_chunks_take_as_many_tokens_as_cost_the_prompt_s_last():
     """A token costs 1 plus 1/16 for each token before it (`attention_cost_tokens` 16): the
     prompt's last chunk of 4 tokens (at 56 of 60) costs 4 + (4 x 56 + 6) / 16 = 18.4, and every
