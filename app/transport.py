@@ -94,11 +94,14 @@ class Connections:
             None when the message went whole; otherwise a function to call from a thread, which
             sends it (connecting first if needed) or the part that did not go, and may block.
         """
+        def send() -> None:  # connects if needed, and waits for the connection
+            self.send(address, message)
+
         if address not in self._socks:  # not connected yet: the thread connects
-            return lambda: self.send(address, message)
+            return send
         parts = wire.buffers(message)  # encoded before the lock is taken: an error here leaves it free
         if not self._lock.acquire(blocking=False):
-            return lambda: self.send(address, message)
+            return send
         sock, sent = self._socks.get(address), 0
         try:
             if sock is not None:
@@ -109,7 +112,7 @@ class Connections:
             self._drop(address)  # `send` connects again
         if sock is None or sent == 0:
             self._lock.release()
-            return lambda: self.send(address, message)
+            return send
         rest = b"".join(parts)[sent:]
         if not rest:
             self._lock.release()

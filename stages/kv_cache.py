@@ -61,7 +61,7 @@ class PagedRows:
     gather_index: torch.Tensor | None = None
     offsets: list[int] | None = None  # packed steps: where each row's tokens begin in the one row
     masks: dict = field(default_factory=dict)  # window -> (B, 1, T, L) mask of the gathered batch
-    plans: dict = field(default_factory=dict)  # (window, device, runs readable) -> `row_plans`
+    plans: dict = field(default_factory=dict)  # (window, device, runs_only) -> `row_plans`
 
     @classmethod
     def build(cls, tables: list[list[int]], starts: list[int], num_new: list[int], width: int,
@@ -121,7 +121,6 @@ class PagedRows:
                 visible &= keys > queries - window
             self.masks[window] = visible[:, None].to(device)
         return self.masks[window]
-
 
     def row_plans(self, window: int | None, device, runs_only: bool) -> list[tuple]:
         """What each row's attention reads, worked out once a step for every layer with `window`:
