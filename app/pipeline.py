@@ -58,6 +58,7 @@ class PipelineClient:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._watched: dict[str, list] = {}
+        self._sending: dict[str, asyncio.Future] = {}  # per address, the last send under way (on the loop)
         serve_connections(self._server, self._on_message, secret, limits, on_refused=on_refused)
 
     def _on_message(self, message: wire.Message) -> None:
@@ -124,15 +125,29 @@ class PipelineClient:
                             tuple(scoring), tuple(tuple(map(tuple, stage)) for stage in copies) if any(copies or ())
                             else (), tuple(adapters) if any(adapters) else ())
         try:
-            rest = self._out.send_nowait(route[0], message)  # on the loop: a thread's turn can take ms
-            if rest is not None:
-                await asyncio.to_thread(rest)
+            await self._send(route[0], message)
             return await asyncio.wait_for(future, timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise StepFailed(f"step {step_id} failed: {exc!r}") from exc
         finally:
             with self._lock:
                 self._pending.pop(step_id, None)
+
+    async def _send(self, address: str, message: wire.Message) -> None:
+        """Sends `message` to `address` after the messages sent there before it: a prompt's next
+        chunk must reach the stage after the chunk before, even when that one went from a thread."""
+        before, done = self._sending.get(address), asyncio.get_running_loop().create_future()
+        self._sending[address] = done
+        try:
+            if before is not None and not before.done():
+                await asyncio.shield(before)
+            rest = self._out.send_nowait(address, message)  # on the loop: a thread's turn can take ms
+            if rest is not None:
+                await asyncio.to_thread(rest)
+        finally:
+            done.set_result(None)
+            if self._sending.get(address) is done:
+                del self._sending[address]
 
     def watch(self, address: str, on_gone=None) -> None:
         """Watches the stage replica at `address` for its death.

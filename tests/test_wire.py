@@ -318,3 +318,36 @@ def test_a_message_goes_at_once_or_whole_from_a_thread():
     finally:
         out.close()
         server.close()
+
+
+def test_steps_reach_the_first_stage_in_the_order_they_were_sent():
+    """A step the socket did not take at once is sent from a thread; the next step must not
+    overtake it: a prompt's next chunk, computed first, would attend to a cache its chunk before
+    has not written yet."""
+    import asyncio
+
+    from app.pipeline import PipelineClient, StepFailed
+
+    client, sent = PipelineClient(b"s" * 32), []
+
+    class Out:  # the socket takes every step but the first at once
+        def send_nowait(self, address, message):
+            if message.step == 0:
+                return lambda: (time.sleep(0.05), sent.append(0))
+            sent.append(message.step)
+
+        def close(self):
+            pass
+
+    client._out = Out()
+
+    async def two_steps():
+        step = client.step(["127.0.0.1:1"], torch.zeros(1, 2, dtype=torch.long), [[[0]]], [0], [2], timeout=0.2)
+        return await asyncio.gather(step, client.step(["127.0.0.1:1"], torch.zeros(1, 2, dtype=torch.long), [[[0]]],
+                                                      [2], [2], timeout=0.2), return_exceptions=True)
+
+    try:
+        assert all(isinstance(r, StepFailed) for r in asyncio.run(two_steps()))  # nobody answers them
+        assert sent == [0, 1]
+    finally:
+        client.close()
