@@ -76,7 +76,7 @@ class Engine:
         self.stats = {"steps": 0, "recoveries": 0, "tokens": 0, "moved": 0, "preempted": 0}
         self.restarts = 0  # times the loop failed (an unexpected exception) and was started again
         self._restart_times: list[float] = []
-        self._in_flight: dict[asyncio.Task, tuple[str, ...]] = {}
+        self._in_flight: dict[asyncio.Task, tuple[tuple[str, ...], bool]] = {}  # (route, has decode rows)
         self._failures = 0  # steps in a row that failed, whatever their sequences: the backoff
 
     # ---- replicas ----
@@ -204,7 +204,7 @@ class Engine:
                 task.cancel()
             self._in_flight.clear()
             for seq in list(self.running) + list(self.waiting):
-                seq.in_flight = False
+                seq.in_flight = seq.num_computing = 0
                 self._fail(seq, f"the engine failed: {exc!r}", "engine")
             self._task = None
             if self.waiting or self.running:
@@ -216,12 +216,10 @@ class Engine:
             self._admit()
             self._move_off_unusable()
             self.metrics.set_sequences(len(self.running), len(self.waiting))
-            busy: dict[tuple[str, ...], int] = {}
-            for route in in_flight.values():
-                busy[route] = busy.get(route, 0) + 1
-            for route, rows in self.scheduler.next_batches(self.running, set(self.replicas), busy, self.waiting,
-                                                           self.pool):
-                in_flight[asyncio.create_task(self._step(route, rows, self._epoch))] = route
+            for route, rows in self.scheduler.next_batches(self.running, set(self.replicas), list(in_flight.values()),
+                                                           self.waiting, self.pool):
+                in_flight[asyncio.create_task(self._step(route, rows, self._epoch))] = \
+                    (route, any(row.decode for row in rows))
             self.outbox.deliver()  # the new steps' tasks run first: they send before the streams work
             if not in_flight and not self.waiting and not self.running:
                 return
@@ -281,7 +279,7 @@ class Engine:
     def _drop_rows(self, rows: list[Row]) -> None:
         """A step's rows, whose results are not used: free again, released where finished."""
         for row in rows:
-            row.seq.in_flight = False
+            row.seq.left_step(row.start, row.num_new)
             if row.seq.finished:
                 self._release(row.seq)
 
@@ -292,7 +290,8 @@ class Engine:
         scored = scored_prompts(result.sampled, specs, scoring)
         for i, row in enumerate(rows):
             seq = row.seq
-            seq.in_flight = False
+            if not seq.left_step(row.start, row.num_new) and not seq.finished:  # computed without the chunk before
+                continue
             if specs[i] is not None and specs[i].ids is not None:
                 seq.sampler_has = (route, row.start + row.num_new)
             if seq.finished:
@@ -389,6 +388,6 @@ class Engine:
             if not seq.finished:
                 seq.finish_reason = "error"
                 self.outbox.put(seq, ("error", seq, message))
-            seq.in_flight = False
+            seq.in_flight = seq.num_computing = 0
             self._release(seq)
         self.waiting.clear()

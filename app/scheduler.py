@@ -9,7 +9,8 @@ that is not in a step is pre-empted: its blocks are freed and it waits again, to
 replaying its prompt and tokens so far (vLLM's recompute pre-emption). A step carries a route's
 decoding sequences (one token each, shared evenly between its micro-batches) and chunks of its
 prompts (or replays after a failure) within `max_num_batched_tokens`, so that a long prompt
-does not stall the sequences decoding around it (vLLM v1's chunked prefill).
+does not stall the sequences decoding around it (vLLM v1's chunked prefill); a prompt's next
+chunk follows the one before down the pipeline, in a step of its own, before that one is back.
 """
 
 from __future__ import annotations
@@ -66,14 +67,22 @@ class Scheduler:
             self.queried_tokens += len(seq.tokens) if pool.prefix_caching and not seq.prompt_logprobs else 0
             running.append(seq)
 
-    def next_batches(self, running: list[Sequence], present: set[str], busy: dict[tuple[str, ...], int],
+    def next_batches(self, running: list[Sequence], present: set[str], in_flight: list[tuple[tuple[str, ...], bool]],
                      waiting: list[Sequence], pool: ReplicaPool):
         """Yields (route, rows) for every route with room for another step in flight.
+
+        A route has at most `num_microbatches` steps in flight. Beside decoding sequences, a
+        prompt's next chunk does not wait for the one before to come back: it follows it down
+        the pipeline (each stage computes a route's steps in the order they come) in a step of
+        prompt chunks alone, so that the stages a step has left do not idle while the decoding
+        sequences wait for it; up to one step per stage in flight. (Alone, a prompt's chunks
+        take the budget and their stage's every core: on a node that stages share, two at once
+        fight for the cores.)
 
         Args:
             running: the admitted sequences.
             present: ids of the replicas that can be reached now.
-            busy: steps in flight per route.
+            in_flight: (route, whether it carries decoding sequences) of each step in flight.
             waiting: where pre-empted sequences go (first).
             pool: the replicas' slots and blocks.
         """
@@ -81,12 +90,16 @@ class Scheduler:
         routes = {seq.route for seq in running}
         self._last_kind = {route: kind for route, kind in self._last_kind.items() if route in routes}
         for seq in running:
-            if (not seq.in_flight and not seq.finished and seq.num_pending > 0 and not seq.parked
+            if (seq.num_unscheduled > 0 and not seq.finished and not seq.parked and self._free(seq)
                     and all(replica_id in present for replica_id in seq.route)):
                 by_route.setdefault(seq.route, []).append(seq)
         for route, ready in by_route.items():
-            for _ in range(busy.get(route, 0), self.config.num_microbatches):
-                rows = self._next_batch(route, [s for s in ready if not s.in_flight and s.route == route], running)
+            steps = sum(1 for r, _ in in_flight if r == route)
+            decoding = sum(1 for r, decodes in in_flight if r == route and decodes)
+            limit = max(self.config.num_microbatches, self.num_stages if self._decoding(route, running) else 0)
+            while steps < limit:
+                ready = [s for s in ready if s.num_unscheduled > 0 and s.route == route and self._free(s)]
+                rows = self._next_batch(route, ready, running, decode=decoding < self.config.num_microbatches)
                 kept: list[Row] = []
                 for row in rows:  # a row pre-empted for an earlier one waits
                     if row.seq.route is not None and self._blocks_for(row, running, waiting, pool, kept):
@@ -94,8 +107,21 @@ class Scheduler:
                 if not kept:
                     break
                 for row in kept:  # claimed now: an abort before the step starts must keep the slot
-                    row.seq.in_flight = True
+                    row.seq.in_flight += 1
+                    row.seq.num_computing += row.num_new
+                steps, decoding = steps + 1, decoding + any(row.decode for row in kept)
                 yield route, kept
+
+    @staticmethod
+    def _decoding(route: tuple[str, ...], running: list[Sequence]) -> bool:
+        """Whether sequences decode on `route` (their next step waits for the route's others)."""
+        return any(s.route == route and s.num_pending == 1 and not s.finished for s in running)
+
+    @staticmethod
+    def _free(seq: Sequence) -> bool:
+        """Whether a step may carry `seq`: it is in none, or its prompt's chunks may follow one
+        another (those of a sequence that wants every position's logits come back first)."""
+        return not seq.in_flight or (seq.num_pending > 1 and not seq.needs_all_logits)
 
     def _blocks_for(self, row: Row, running: list[Sequence], waiting: list[Sequence], pool: ReplicaPool,
                     kept: list[Row]) -> bool:
@@ -148,15 +174,17 @@ class Scheduler:
         row.copies = pool.unshare(row.seq, row.start, row.start + row.num_new)
         return row.copies is not None
 
-    def _next_batch(self, route: tuple[str, ...], ready: list[Sequence], running: list[Sequence]) -> list[Row]:
+    def _next_batch(self, route: tuple[str, ...], ready: list[Sequence], running: list[Sequence],
+                    decode: bool = True) -> list[Row]:
         """The rows of the route's next step, vLLM v1's chunked prefill: its decoding sequences
         first (one token each; split evenly between the micro-batches), then chunks of waiting
         prompts in what is left of `max_num_batched_tokens`. The stages take such a step packed
         (every row's tokens in one row), so a decode row costs one token beside a chunk.
         Sequences that want logits at every prompt position (echo with log-probabilities) take
-        steps of their own, padded, alternating with the others."""
+        steps of their own, padded, alternating with the others. `decode` False: prompt chunks
+        only."""
         ready = self._within_loras(sorted(ready, key=lambda s: s.num_pending != 1))  # decode rows first
-        echo = [s for s in ready if s.needs_all_logits]
+        echo = [s for s in ready if s.needs_all_logits and not s.in_flight] if decode else []
         if echo and (len(echo) == len(ready) or self._last_kind.get(route) != "echo"):
             self._last_kind[route] = "echo"
             # Rows are padded to the widest: the step computes rows x widest positions, and that
@@ -170,27 +198,29 @@ class Scheduler:
                 rows.append(Row(seq, seq.num_cached, num_new))
                 width = max(width, num_new)
             return rows
-        self._last_kind[route] = "mixed"
-        decode = [s for s in ready if s.num_pending == 1 and not s.needs_all_logits]
+        if decode:
+            self._last_kind[route] = "mixed"
+        decoding = [s for s in ready if s.num_pending == 1 and not s.needs_all_logits] if decode else []
         on_route = sum(1 for s in running if s.route == route and not s.finished)
         share = -(-on_route // self.config.num_microbatches)
-        rows = [Row(seq, seq.num_cached, 1) for seq in decode[:max(share, 1)]]
+        rows = [Row(seq, seq.num_cached, 1, decode=True) for seq in decoding[:max(share, 1)]]
         budget = self.config.max_num_batched_tokens - len(rows)
-        # Beside decode rows a prompt's chunk costs at most what its last chunk of
-        # `long_prefill_token_threshold` tokens costs: every decoding sequence waits for the
-        # step. Alone it takes the budget.
-        capped = bool(rows) and self.config.long_prefill_token_threshold > 0  # decode rows wait for this step
+        # Beside decoding sequences a prompt's chunk costs at most what its last chunk of
+        # `long_prefill_token_threshold` tokens costs: they wait for this step (or, in a step of
+        # prompt chunks alone, their next step waits behind it). Alone it takes the budget.
+        capped = self.config.long_prefill_token_threshold > 0 and (bool(rows) or self._decoding(route, running))
         for seq in ready:
             if budget < 1:
                 break
             if seq.num_pending > 1 and not seq.needs_all_logits:
-                cap = self._chunk_cap(seq) if capped else budget
-                rows.append(Row(seq, seq.num_cached, min(seq.num_pending, budget, cap)))
+                start = seq.num_cached + seq.num_computing
+                cap = self._chunk_cap(seq, start) if capped else budget
+                rows.append(Row(seq, start, min(seq.num_unscheduled, budget, cap)))
                 budget -= rows[-1].num_new
         return rows
 
-    def _chunk_cap(self, seq: Sequence) -> int:
-        """The most of `seq`'s pending tokens a step beside decode rows carries: as many as cost
+    def _chunk_cap(self, seq: Sequence, start: int) -> int:
+        """The most of `seq`'s tokens from `start` a step beside decode rows carries: as many as cost
         what its last `long_prefill_token_threshold` would. A token costs its blocks' matrices
         plus attention to each token before it, `1 / attention_cost_tokens` of that each, so a
         chunk costs more the later it comes and the early ones can be larger (vLLM caps every
@@ -198,12 +228,12 @@ class Scheduler:
         threshold, scale = self.config.long_prefill_token_threshold, self.config.attention_cost_tokens
         if not scale:
             return threshold
-        end = seq.num_cached + seq.num_pending
+        end = len(seq.tokens)
 
         def cost(start: int, n: int) -> float:  # in tokens without context
             return n + (n * start + n * (n - 1) / 2) / scale
 
         allowed = cost(max(end - threshold, 0), threshold)
-        # the largest n with cost(num_cached, n) <= allowed: n^2 / 2C + n (1 + (start - 1/2) / C) = allowed
-        a, b = 1 / (2 * scale), 1 + (seq.num_cached - 0.5) / scale
+        # the largest n with cost(start, n) <= allowed: n^2 / 2C + n (1 + (start - 1/2) / C) = allowed
+        a, b = 1 / (2 * scale), 1 + (start - 0.5) / scale
         return max(threshold, int((-b + (b * b + 4 * a * allowed) ** 0.5) / (2 * a)))

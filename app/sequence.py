@@ -33,7 +33,9 @@ class EngineConfig:
             its earlier chunks take as many tokens as cost the same (`attention_cost_tokens`).
         attention_cost_tokens: tokens of context whose attention costs a new token what its
             blocks' matrices cost it (0: chunks of `long_prefill_token_threshold` tokens).
-        num_microbatches: steps in flight at once, each with its own share of the sequences.
+        num_microbatches: steps in flight at once, each with its own share of the decoding
+            sequences. Beyond those, steps of prompt chunks alone may follow each other down the
+            pipeline, up to one per stage in flight (see `app.scheduler`).
         max_queued_requests: sequences waiting for a slot before new requests get a 503.
         step_timeout_s: a step that takes longer counts as failed (a hung stage).
         max_recoveries: consecutive failed attempts to reach the stages again (the `recover`
@@ -112,7 +114,8 @@ class Sequence:
     # (route, tokens) the last stage's sampler was last given for this sequence: it needs the
     # whole history again when that is not where this step starts
     sampler_has: tuple[tuple[str, ...], int] | None = None
-    in_flight: bool = False
+    in_flight: int = 0  # steps in flight that carry it (several: chunks of its prompt, in order)
+    num_computing: int = 0  # its tokens in those steps
     step_failures: int = 0  # steps in a row that failed with this sequence on them
     finish_reason: str | None = None
     beam: BeamGroup | None = None  # the beam search it runs a beam of (`app.beam`)
@@ -132,6 +135,19 @@ class Sequence:
     @property
     def num_pending(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids) - self.num_cached
+
+    @property
+    def num_unscheduled(self) -> int:
+        """Pending tokens that no step in flight carries."""
+        return self.num_pending - self.num_computing
+
+    def left_step(self, start: int, num_new: int) -> bool:
+        """A step that carried its tokens `[start, start + num_new)` is back (or given up on).
+        Returns whether those before `start` are cached: a chunk of a prompt that followed a chunk
+        whose step failed was computed without that chunk's keys and values."""
+        self.in_flight -= 1
+        self.num_computing -= num_new
+        return start == self.num_cached
 
     @property
     def finished(self) -> bool:
@@ -168,6 +184,7 @@ class Row:
     start: int
     num_new: int
     copies: list[list[tuple[int, int]]] | None = None  # per stage, blocks to copy first (`BlockPool.unshare`)
+    decode: bool = False  # one token of a decoding sequence (not a chunk of a prompt or a replay)
 
     @property
     def want(self) -> int:

@@ -37,6 +37,19 @@ def seq(num_prompt: int) -> Sequence:
     return Sequence(list(range(1, num_prompt + 1)), SamplingParams(max_tokens=8), events=None)
 
 
+def next_step(scheduler, running, present, waiting, pool):
+    """The route's next step, with no other in flight (the generator is not resumed for more)."""
+    return next(scheduler.next_batches(running, present, [], waiting, pool))
+
+
+def complete(rows) -> None:
+    """A step's rows come back: their tokens are cached."""
+    for row in rows:
+        row.seq.in_flight -= 1
+        row.seq.num_computing -= row.num_new
+        row.seq.num_cached = row.start + row.num_new
+
+
 def pool_of(*replicas: Replica, drained=None, prefix_caching=True) -> ReplicaPool:
     pool = ReplicaPool(2, on_drained=drained, prefix_caching=prefix_caching)
     assert pool.set(list(replicas)) == list(replicas)  # all new: the engine watches them
@@ -66,10 +79,9 @@ def test_a_step_carries_the_decoding_rows_then_prompt_chunks_within_the_budget()
     present = {"a0", "a1"}
 
     def step() -> list[tuple[int, int]]:
-        [(route, rows)] = list(scheduler.next_batches(running, present, {}, waiting, pool))
-        for row in rows:  # the step completes: its tokens are cached
-            row.seq.in_flight = False
-            row.seq.num_cached = row.start + row.num_new
+        route, rows = next_step(scheduler, running, present, waiting, pool)
+        complete(rows)
+        for row in rows:
             if row.seq is decoding:
                 decoding.output_ids.append(7)
         return [(running.index(row.seq), row.num_new) for row in rows]
@@ -77,7 +89,7 @@ def test_a_step_carries_the_decoding_rows_then_prompt_chunks_within_the_budget()
     # The decoding sequence gets its token every step; the prompt takes what is left of the 5.
     assert [step() for _ in range(4)] == [[(0, 1), (1, 4)]] * 3 + [[(0, 1)]]
     # Nothing is scheduled through a replica that cannot be reached.
-    assert list(scheduler.next_batches(running, {"a0"}, {}, waiting, pool)) == []
+    assert list(scheduler.next_batches(running, {"a0"}, [], waiting, pool)) == []
 
 
 def test_beside_decode_rows_a_prompt_takes_at_most_the_threshold_and_alone_the_budget():
@@ -89,11 +101,9 @@ def test_beside_decode_rows_a_prompt_takes_at_most_the_threshold_and_alone_the_b
     decoding.num_cached, decoding.output_ids = 3, [7]
     sizes = []
     for _ in range(4):
-        [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+        _, rows = next_step(scheduler, running, {"a0", "a1"}, waiting, pool)
         sizes.append([row.num_new for row in rows])
-        for row in rows:
-            row.seq.in_flight = False
-            row.seq.num_cached = row.start + row.num_new
+        complete(rows)
         if decoding.num_pending == 0 and len(decoding.output_ids) < 2:
             decoding.output_ids.append(7)  # one more token, then it has finished
         elif decoding.num_pending == 0:
@@ -109,7 +119,7 @@ def test_prompts_without_decode_rows_share_the_budget_uncapped():
                                        attention_cost_tokens=16), 2)
     running, waiting = [], [seq(6), seq(30)]
     scheduler.admit(waiting, running, pool)
-    [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+    _, rows = next_step(scheduler, running, {"a0", "a1"}, waiting, pool)
     assert [row.num_new for row in rows] == [6, 10]
 
 
@@ -126,12 +136,10 @@ def test_beside_decode_rows_early_chunks_take_as_many_tokens_as_cost_the_prompt_
     decoding.num_cached, decoding.output_ids = 3, [7]
     chunks = []
     while long.num_pending:
-        [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+        _, rows = next_step(scheduler, running, {"a0", "a1"}, waiting, pool)
         assert [row.num_new for row in rows][0] == 1  # the decoding sequence's token comes first
         chunks += [(row.start, row.num_new) for row in rows if row.seq is long]
-        for row in rows:
-            row.seq.in_flight = False
-            row.seq.num_cached = row.start + row.num_new
+        complete(rows)
         decoding.output_ids.append(7)
 
     def cost(start, n):
@@ -156,7 +164,7 @@ def test_a_step_computes_at_most_the_budget_and_echo_steps_their_padding_include
     scheduler.admit(waiting, running, pool)
     computed, kinds = [], set()
     while any(s.num_pending for s in running):
-        [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+        _, rows = next_step(scheduler, running, {"a0", "a1"}, waiting, pool)
         echo = {row.seq.needs_all_logits for row in rows}
         assert len(echo) == 1  # echo rows never share a step with others
         kinds |= echo
@@ -164,9 +172,7 @@ def test_a_step_computes_at_most_the_budget_and_echo_steps_their_padding_include
             assert len(rows) * max(row.num_new for row in rows) <= 64
         else:
             assert sum(row.num_new for row in rows) <= 64
-        for row in rows:
-            row.seq.in_flight = False
-            row.seq.num_cached = row.start + row.num_new
+        complete(rows)
         computed += [row.num_new for row in rows]
     assert sum(computed) == 60 + 3 + 3 + 40 + 30 + 50 + 2 and kinds == {True, False}  # every token, once
 
@@ -178,10 +184,10 @@ def test_micro_batches_share_the_decoding_sequences_of_a_route():
     scheduler.admit(waiting, running, pool)
     for s in running:
         s.num_cached, s.output_ids = 2, [9]
-    batches = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+    batches = list(scheduler.next_batches(running, {"a0", "a1"}, [], waiting, pool))
     assert [len(rows) for _, rows in batches] == [3, 2]
     assert all(s.in_flight for s in running)  # claimed until their step returns
-    assert list(scheduler.next_batches(running, {"a0", "a1"}, {("a0", "a1"): 2}, waiting, pool)) == []
+    assert list(scheduler.next_batches(running, {"a0", "a1"}, [(("a0", "a1"), True)] * 2, waiting, pool)) == []
 
 
 def test_a_draining_replica_is_released_once_it_holds_nothing_and_a_gone_one_forgotten():
@@ -210,7 +216,7 @@ def test_a_sequence_is_admitted_when_its_blocks_fit_and_the_latest_is_preempted_
     assert running == [first, second] and waiting == [third]  # no blocks left for the third
     for s in running:
         s.num_cached, s.output_ids = 6, [5, 5, 5]  # 9 tokens: a third block each to go on
-    [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, {}, waiting, pool))
+    _, rows = next_step(scheduler, running, {"a0", "a1"}, waiting, pool)
     # The first needs a block: the latest admitted (the second) gives its blocks up and waits first.
     assert [row.seq for row in rows] == [first] and scheduler.preempted == [second]
     assert waiting == [second, third] and second.route is None and second.num_cached == 0
@@ -264,3 +270,36 @@ def test_the_cost_of_attention_in_tokens_comes_from_the_model(tmp_path):
             expected = round(sum(p.numel() for p in block.parameters()) / (2 * config.hidden_size))
             assert expected > 0
         assert attention_cost_tokens(model_dir, config) == expected
+
+
+def test_a_prompt_s_next_chunk_follows_the_one_before_down_the_pipeline():
+    """With 2 stages, beside decoding sequences, a prompt's next chunk goes out in a step of its
+    own while the one before is on its way (the first stage would idle otherwise): contiguous,
+    capped, at most one step per stage in flight, the decode rows only in the first."""
+    pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=16, long_prefill_token_threshold=4), 2)
+    decoding, long = seq(3), seq(30)
+    running, waiting = [], [decoding, long]
+    scheduler.admit(waiting, running, pool)
+    decoding.num_cached, decoding.output_ids = 3, [7]
+    route = decoding.route
+    first, second = list(scheduler.next_batches(running, {"a0", "a1"}, [], waiting, pool))
+    assert [(r.seq, r.start, r.num_new, r.decode) for r in first[1]] == [(decoding, 3, 1, True), (long, 0, 4, False)]
+    assert [(r.seq, r.start, r.num_new, r.decode) for r in second[1]] == [(long, 4, 4, False)]
+    assert long.in_flight == 2 and long.num_computing == 8 and long.num_unscheduled == 22
+    complete(first[1])  # the first comes back; the second is still on its way
+    decoding.output_ids.append(7)
+    [(_, rows)] = list(scheduler.next_batches(running, {"a0", "a1"}, [(route, False)], waiting, pool))
+    assert [(r.seq, r.start, r.num_new) for r in rows] == [(decoding, 4, 1), (long, 8, 4)]
+    # Alone, its chunks take the budget and the stages, one at a time; one stage: one step at a time.
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=16, long_prefill_token_threshold=4), 2)
+    running, waiting = [], [seq(40)]
+    scheduler.admit(waiting, running, pool)
+    assert [[(r.start, r.num_new) for r in rows] for _, rows in
+            scheduler.next_batches(running, {"a0", "a1"}, [], waiting, pool)] == [[(0, 16)]]
+    one = ReplicaPool(1)
+    one.set([Replica("a0", 0, "x:1", 8)])
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=16), 1)
+    running, waiting = [], [seq(40)]
+    scheduler.admit(waiting, running, one)
+    assert len(list(scheduler.next_batches(running, {"a0"}, [], waiting, one))) == 1
