@@ -37,7 +37,7 @@ class BuilderArgs(BaseModel):
     max_model_len: int | None = Field(None, ge=16, description="prompt + output; default min(model, 4096)")
     max_num_batched_tokens: int = Field(512, ge=1, description="tokens per step (vLLM's name): the decoding "
                                         "sequences' tokens, then chunks of prompts in what is left")
-    long_prefill_token_threshold: int = Field(32, ge=0, description="the tokens of a prompt's last chunk in a "
+    long_prefill_token_threshold: int = Field(24, ge=0, description="the tokens of a prompt's last chunk in a "
                                               "step that carries decoding sequences, earlier chunks as many "
                                               "as cost the same (0: no cap)")
     num_microbatches: int = Field(1, ge=1, le=64, description="steps in flight at once")

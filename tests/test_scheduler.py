@@ -251,7 +251,7 @@ def test_the_old_name_of_the_step_budget_gets_a_clear_error():
 
     with pytest.raises(pydantic.ValidationError, match="max_prefill_tokens is now max_num_batched_tokens"):
         BuilderArgs(max_prefill_tokens=256)
-    assert BuilderArgs(max_num_batched_tokens=256).long_prefill_token_threshold == 32
+    assert BuilderArgs(max_num_batched_tokens=256).long_prefill_token_threshold == 24
 
 
 def test_the_cost_of_attention_in_tokens_comes_from_the_model(tmp_path):
