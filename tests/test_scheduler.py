@@ -92,13 +92,19 @@ def test_a_step_carries_the_decoding_rows_then_prompt_chunks_within_the_budget()
     assert list(scheduler.next_batches(running, {"a0"}, [], waiting, pool)) == []
 
 
-def test_beside_decode_rows_a_prompt_takes_at_most_the_threshold_and_alone_the_budget():
+def decoding_beside_a_prompt():
+    """Two stages, a budget of 16, threshold 4: a decoding sequence and a 30-token prompt admitted."""
     pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
     scheduler = Scheduler(EngineConfig(max_num_batched_tokens=16, long_prefill_token_threshold=4), 2)
     decoding, long = seq(3), seq(30)
     running, waiting = [], [decoding, long]
     scheduler.admit(waiting, running, pool)
     decoding.num_cached, decoding.output_ids = 3, [7]
+    return pool, scheduler, decoding, long, running, waiting
+
+
+def test_beside_decode_rows_a_prompt_takes_at_most_the_threshold_and_alone_the_budget():
+    pool, scheduler, decoding, long, running, waiting = decoding_beside_a_prompt()
     sizes = []
     for _ in range(4):
         _, rows = next_step(scheduler, running, {"a0", "a1"}, waiting, pool)
@@ -276,12 +282,7 @@ def test_a_prompt_s_next_chunk_follows_the_one_before_down_the_pipeline():
     """With 2 stages, beside decoding sequences, a prompt's next chunk goes out in a step of its
     own while the one before is on its way (the first stage would idle otherwise): contiguous,
     capped, at most one step per stage in flight, the decode rows only in the first."""
-    pool = pool_of(Replica("a0", 0, "x:1", 8), Replica("a1", 1, "x:2", 8))
-    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=16, long_prefill_token_threshold=4), 2)
-    decoding, long = seq(3), seq(30)
-    running, waiting = [], [decoding, long]
-    scheduler.admit(waiting, running, pool)
-    decoding.num_cached, decoding.output_ids = 3, [7]
+    pool, scheduler, decoding, long, running, waiting = decoding_beside_a_prompt()
     route = decoding.route
     first, second = list(scheduler.next_batches(running, {"a0", "a1"}, [], waiting, pool))
     assert [(r.seq, r.start, r.num_new, r.decode) for r in first[1]] == [(decoding, 3, 1, True), (long, 0, 4, False)]
