@@ -71,7 +71,7 @@ class Scheduler:
                      waiting: list[Sequence], pool: ReplicaPool):
         """Yields (route, rows) for every route with room for another step in flight.
 
-        A route has at most `num_microbatches` steps in flight. Beside decoding sequences, a
+        A route has at most `num_microbatches` steps with decoding sequences in flight. Beside them, a
         prompt's next chunk does not wait for the one before to come back: it follows it down
         the pipeline (each stage computes a route's steps in the order they come) in a step of
         prompt chunks alone, so that the stages a step has left do not idle while the decoding
@@ -184,7 +184,7 @@ class Scheduler:
         steps of their own, padded, alternating with the others. `decode` False: prompt chunks
         only."""
         ready = self._within_loras(sorted(ready, key=lambda s: s.num_pending != 1))  # decode rows first
-        echo = [s for s in ready if s.needs_all_logits and not s.in_flight] if decode else []
+        echo = [s for s in ready if s.needs_all_logits] if decode else []  # never in flight here (`_free`)
         if echo and (len(echo) == len(ready) or self._last_kind.get(route) != "echo"):
             self._last_kind[route] = "echo"
             # Rows are padded to the widest: the step computes rows x widest positions, and that
