@@ -23,7 +23,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.serving import REPO, sigint_default
+
 SUBNET = "10.213.7"  # the bridge is .1, hosts .11 onwards; a range nothing else here uses
 BRIDGE = "swbr0"
 GCS_PORT = 6379
@@ -185,7 +186,7 @@ class Hosts:
     def popen(self, command: list[str], **kwargs) -> subprocess.Popen:
         """Starts `command` inside the head, as a driver, in a process group of its own."""
         return subprocess.Popen(self.driver_command(command), env=self.driver_env(), cwd=REPO,
-                                start_new_session=True, **kwargs)
+                                start_new_session=True, preexec_fn=sigint_default, **kwargs)
 
     def copy_into(self, name: str, source: str, target: str) -> None:
         """Copies `source` (seen by every host) to `target` in host `name`'s private filesystem."""

@@ -18,6 +18,14 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def sigint_default() -> None:
+    """`preexec_fn` for a `serve run` child: SIGINT back to its default. A shell that starts
+    pytest in the background (`cmd &`, nohup) leaves SIGINT ignored, children inherit that, and
+    Python then installs no KeyboardInterrupt handler: `serve run` would ignore the SIGINT that
+    stops it, and every server's teardown would wait out its 30 s before a SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 # `serve run` has no option for Ray's metrics export port, but uses a Ray that is already up.
 _SERVE_RUN_WITH_METRICS_PORT = """
 import sys
@@ -120,7 +128,8 @@ class ServeRun:
         if self.metrics_export_port is not None:
             command = [sys.executable, "-c", _SERVE_RUN_WITH_METRICS_PORT, str(self.metrics_export_port), path]
         self.proc = subprocess.Popen(command, cwd=REPO, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=sigint_default)
         try:
             wait_healthy(self.url, self.timeout, self.proc, lambda: self.log()[-4000:], any_status=not self.healthy)
         except TimeoutError as exc:
