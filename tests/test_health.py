@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 
 from transformers import AutoTokenizer
 
 from app.health import health_body, stage_report, unavailable_reason
 from tests.reference import greedy_text
-from tests.serving import ServeRun, wait_healthy
+from tests.serving import REPO, ServeRun, wait_healthy
 
 PROMPT = "the quick brown fox"
 
@@ -92,3 +94,11 @@ def test_truncated_checkpoint_fails_visibly_then_serves_when_fixed(checkpoint, t
     assert status == 200, answer
     assert answer["choices"][0]["text"] == greedy_text(model_dir, ids, 12, exact_length=False)
     print(f"failure shown {seen_s:.0f} s after serve run started; served {recovered_s:.0f} s after the fix")
+
+
+def test_the_actors_the_ingress_waits_for_at_start_import_neither_torch_nor_transformers():
+    """A new worker process imports their modules before it serves: the registry's answer is
+    what the ingress waits for before it can say it is ready (it was 4 s of imports more)."""
+    code = ("import sys, app.registry, app.weights; heavy = {'torch', 'transformers'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
