@@ -98,8 +98,9 @@ def deploy(args: argparse.Namespace) -> list:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=False)
     builder_args = BuilderArgs(model=args.model, num_stages=args.num_stages, **json.loads(args.builder_args))
-    handles = [serve.run(build_app(builder_args), name=f"{APP_PREFIX}-{r}", route_prefix=None)
-               for r in range(args.replicas)]
+    # All at once: Serve starts every application's replicas together rather than one after another.
+    handles = serve.run_many([serve.RunTarget(build_app(builder_args), name=f"{APP_PREFIX}-{r}", route_prefix=None)
+                              for r in range(args.replicas)])
     deadline = time.monotonic() + args.load_timeout
     for handle in handles:
         while not handle.ready.remote().result():
