@@ -1,4 +1,5 @@
-"""Per-stage autoscaling through `serve run`, with the shipped defaults (min 1, max 2 per stage).
+"""Per-stage autoscaling through `serve run`, with the shipped policy and bounds (min 1, max 2 per
+stage); the end-to-end test shortens Serve's delays so that the default suite need not wait them out.
 
 Load raises the stages to 2 replicas while streams go on; when it falls, Serve drains the
 extra replicas: their sequences move to the remaining ones by replay, no stream breaks, and
@@ -14,12 +15,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.autoscaling import StagePolicy
+from app.autoscaling import DEFAULT_STAGE_AUTOSCALING, StagePolicy
 from tests.serving import ServeRun, wait_for
 from tests.test_serve import stream_text
 
 HEAVY_CLIENTS, LIGHT_CLIENTS = 24, 4  # 24 > 16 slots: requests wait, so the stages scale up
 HEAVY_TOKENS, LIGHT_TOKENS = 32, 96
+# The shipped policy and bounds with shorter delays: the shipped 30 s before a scale-down and 12 s
+# look-back would be most of the test's time.
+QUICK_AUTOSCALING = {**DEFAULT_STAGE_AUTOSCALING, "downscale_delay_s": 10.0, "look_back_period_s": 6.0}
 
 
 def policy_decision(current: int, **metrics: list[float]) -> int:
@@ -86,7 +90,8 @@ def test_stages_scale_up_under_load_and_drain_when_it_falls(checkpoint):
     model_dir = checkpoint("llama")
     heavy = references(model_dir, HEAVY_CLIENTS, HEAVY_TOKENS)
     light = references(model_dir, LIGHT_CLIENTS, LIGHT_TOKENS)
-    with ServeRun({"model": model_dir, "num_stages": 2, "max_model_len": 256}) as server:
+    with ServeRun({"model": model_dir, "num_stages": 2, "max_model_len": 256,
+                   "stage_autoscaling": QUICK_AUTOSCALING}) as server:
         assert server.replicas_per_stage() == [1, 1]
         light_clients = Clients(server, *light, LIGHT_TOKENS)
         heavy_clients = Clients(server, *heavy, HEAVY_TOKENS)
