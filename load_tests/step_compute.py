@@ -1,11 +1,14 @@
 """Compute of one decode step, in-process: a stage with packed layers, one with nn.Linear, transformers.
 
-    python load_tests/step_compute.py [--threads 1] [--batch 1 16] [--model DIR]
+    python load_tests/step_compute.py [--threads 1] [--batch 1 16] [--model DIR] [--prefill 256]
 
 Builds the 125M Llama (as load_tests/benchmark.py does), loads all its blocks as one `Stage`
 twice, with its linear layers packed for oneDNN (the default on the CPU) and with plain
 `nn.Linear`, and times decode steps at each batch size against a transformers forward with its
-own cache, in the same run. Prints milliseconds per step (median) and the ratios.
+own cache, in the same run. Prints milliseconds per step (median) and the ratios. With `--prefill N`
+it times instead an N-token prompt's prefill through the model in two stages (each half of the
+blocks, packed), against transformers `generate(max_new_tokens=1)`, alternating, and the rate
+of the linear layers' arithmetic it reached (what bounds a prefill).
 """
 
 from __future__ import annotations
@@ -56,15 +59,41 @@ def time_transformers(model, batch: int, prompt: int = PROMPT) -> float:
     return statistics.median(times[2:])
 
 
+def time_prefill(model_dir: str, model, tokens: int, rounds: int = 7) -> None:
+    num_layers = model.config.num_hidden_layers
+    halves = [Stage(model_dir, start, end, num_blocks=-(-tokens // BLOCK), block_size=BLOCK)
+              for start, end in ((0, num_layers // 2), (num_layers // 2, num_layers))]
+    table = [list(range(-(-tokens // BLOCK)))]
+    stages, hf = [], []
+    for i in range(rounds + 2):  # two to warm up
+        ids = torch.randint(100, 30000, (1, tokens))
+        began = time.perf_counter()
+        halves[1](halves[0](ids, table, [0], [tokens]), table, [0], [tokens])
+        stages.append(time.perf_counter() - began)
+        with torch.inference_mode():
+            began = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+            hf.append(time.perf_counter() - began)
+    s, h = statistics.median(stages[2:]), statistics.median(hf[2:])
+    linear = sum(m.weight.numel() for name, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear))
+    print(f"{tokens}-token prefill, {torch.get_num_threads()} thread(s), median of {rounds}: two packed stages "
+          f"{s * 1e3:.1f} ms ({2 * linear * tokens / s / 1e9:.0f} GFLOP/s in the blocks' linear layers), "
+          f"transformers generate(max_new_tokens=1) {h * 1e3:.1f} ms; ratio {h / s:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (default: build the 125M Llama)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--context", type=int, default=PROMPT, help="tokens each row holds before decoding")
+    parser.add_argument("--prefill", type=int, help="time a prompt of this many tokens instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.model or build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
+    if args.prefill:
+        return time_prefill(model_dir, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+                            args.prefill)
     num_layers = AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers
     blocks = max(args.batch) * -(-(args.context + STEPS) // BLOCK)
     packed = Stage(model_dir, 0, num_layers, num_blocks=blocks, block_size=BLOCK)
