@@ -313,6 +313,8 @@ def build_app(args: BuilderArgs):
     # tensors to stages on nodes without the files.
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress",
                                ray_actor_options={"num_cpus": 0, **_this_node_pin()},
+                               # a stopping ingress looks for requests still running every 0.5 s, not 2
+                               graceful_shutdown_wait_loop_s=0.5,
                                max_ongoing_requests=args.max_batch_size + args.max_queued_requests + 64)
     keys = api_keys(args)
     logger.info("stagewise: %s", f"{len(keys)} API key(s) required" if keys else "no API key required")

@@ -54,7 +54,7 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None,
                     return body
         except OSError:
             pass
-        time.sleep(1)
+        time.sleep(0.25)
     raise TimeoutError(f"{url} not healthy in {timeout:.0f} s: {body}")
 
 
