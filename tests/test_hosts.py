@@ -67,7 +67,7 @@ class Served:
             if self.health(timeout=5)[0] == 200:
                 self.model = self.get("/v1/models")["data"][0]["id"]
                 return self
-            time.sleep(2)
+            time.sleep(0.5)
         raise TimeoutError(f"not healthy: {self.health()}\n{open(self.log_path).read()[-4000:]}")
 
     def __exit__(self, *exc) -> None:
@@ -233,6 +233,8 @@ def test_auto_splits_a_model_no_host_holds_and_survives_a_host_restart(llama_125
         hosts.__exit__(None, None, None)
 
 
+@pytest.mark.slow  # 90 s; the default suite keeps its 20 minutes (one replica moving its streams is
+# in the default suite in one process, `test_replicas`, and on one host, `test_failover`)
 def test_a_standby_replica_on_another_host_takes_over_at_once(llama_125m):
     """Stage1 has a replica on each host; one is SIGKILLed mid-stream; its streams move to the other."""
     require_hosts()
