@@ -60,12 +60,12 @@ def time_transformers(model, batch: int, prompt: int = PROMPT) -> float:
 
 
 def time_prefill(model_dir: str, model, tokens: int, rounds: int = 7) -> None:
-    num_layers = model.config.num_hidden_layers
-    halves = [Stage(model_dir, start, end, num_blocks=-(-tokens // BLOCK), block_size=BLOCK)
+    num_layers, num_blocks = model.config.num_hidden_layers, -(-tokens // BLOCK)
+    halves = [Stage(model_dir, start, end, num_blocks=num_blocks, block_size=BLOCK)
               for start, end in ((0, num_layers // 2), (num_layers // 2, num_layers))]
-    table = [list(range(-(-tokens // BLOCK)))]
+    table = [list(range(num_blocks))]
     stages, hf = [], []
-    for i in range(rounds + 2):  # two to warm up
+    for _ in range(rounds + 2):  # two to warm up
         ids = torch.randint(100, 30000, (1, tokens))
         began = time.perf_counter()
         halves[1](halves[0](ids, table, [0], [tokens]), table, [0], [tokens])
@@ -75,7 +75,7 @@ def time_prefill(model_dir: str, model, tokens: int, rounds: int = 7) -> None:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
             hf.append(time.perf_counter() - began)
     s, h = statistics.median(stages[2:]), statistics.median(hf[2:])
-    linear = sum(m.weight.numel() for name, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear))
+    linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
     print(f"{tokens}-token prefill, {torch.get_num_threads()} thread(s), median of {rounds}: two packed stages "
           f"{s * 1e3:.1f} ms ({2 * linear * tokens / s / 1e9:.0f} GFLOP/s in the blocks' linear layers), "
           f"transformers generate(max_new_tokens=1) {h * 1e3:.1f} ms; ratio {h / s:.2f}x")

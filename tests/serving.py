@@ -26,6 +26,7 @@ def sigint_default() -> None:
     stops it, and every server's teardown would wait out its 30 s before a SIGKILL."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
 # `serve run` has no option for Ray's metrics export port, but uses a Ray that is already up.
 _SERVE_RUN_WITH_METRICS_PORT = """
 import sys
