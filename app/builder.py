@@ -62,8 +62,6 @@ class BuilderArgs(BaseModel):
     stage_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per stage replica")
     stage_num_threads: int | None = Field(None, ge=1, description="torch threads per stage; default: all cores")
     stage_parallel_min_tokens: int = Field(64, ge=1, description="smaller steps run on one thread")
-    stage_nice: int = Field(0, ge=-20, le=19, description="nice value of each stage's compute threads; negative "
-                                                         "(needs CAP_SYS_NICE) puts them before the host's other work")
     # Serve replaces a replica after 3 health checks in a row fail: a hung stage goes in ~3 x timeout.
     health_check_period_s: float = Field(2.0, gt=0, description="Serve health checks of each stage")
     health_check_timeout_s: float = Field(5.0, gt=0, description="a health check slower than this fails")
@@ -307,7 +305,6 @@ def build_app(args: BuilderArgs):
                                       max_batch_size=args.max_batch_size, block_size=args.kv_block_size,
                                       num_blocks=pool_tokens(args) // args.kv_block_size,
                                       num_threads=threads, parallel_min_tokens=args.stage_parallel_min_tokens,
-                                      nice=args.stage_nice,
                                       step_tokens=step_tokens(args), limits=limits, encoder=encoder,
                                       lora_modules=adapters))
     # Serve's default of 5 ongoing requests per replica would cap the batch: the engine queues

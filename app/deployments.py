@@ -100,7 +100,6 @@ class StageDeployment:
         block_size: tokens per KV cache block.
         num_threads: torch threads for large steps (None: torch's default).
         parallel_min_tokens: steps with fewer tokens run on one thread (see `StageServer`).
-        nice: the compute thread's nice value (see `StageServer`; 0 leaves it alone).
         step_tokens: the most tokens a step carries (`Stage.warm_up` runs such a step at start).
         quantization: "none", "int8" or "nf4" (bitsandbytes) for this stage's blocks.
         limits: what a data-plane message may be (`app.wire.Limits`).
@@ -112,7 +111,7 @@ class StageDeployment:
 
     def __init__(self, model_dir: str, index: int, start: int, end: int, *, dtype: str = "float32",
                  max_batch_size: int = 16, num_blocks: int = 256, block_size: int = 16, num_threads: int | None = None,
-                 parallel_min_tokens: int = 64, nice: int = 0, step_tokens: int = 512, quantization: str = "none",
+                 parallel_min_tokens: int = 64, step_tokens: int = 512, quantization: str = "none",
                  limits: wire.Limits = wire.Limits(), encoder: bool = False, lora_modules: dict | None = None):
         from ray import serve
 
@@ -135,10 +134,10 @@ class StageDeployment:
             dict(model_dir=model_dir, start=start, end=end, dtype=dtype, num_blocks=num_blocks, block_size=block_size,
                  quantization=quantization, lora_modules=lora_modules or None)
         self.stage_class = EncoderStage if encoder else Stage
-        threading.Thread(target=self._load_until_loaded, args=(load, num_threads, parallel_min_tokens, nice),
+        threading.Thread(target=self._load_until_loaded, args=(load, num_threads, parallel_min_tokens),
                          daemon=True, name="stagewise-load").start()
 
-    def _load_until_loaded(self, load: dict, num_threads: int | None, parallel_min_tokens: int, nice: int) -> None:
+    def _load_until_loaded(self, load: dict, num_threads: int | None, parallel_min_tokens: int) -> None:
         import ray
 
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
@@ -162,7 +161,7 @@ class StageDeployment:
                 continue
             announcer = self.announcer
             self.server = StageServer(stage, lambda: announcer.secret, host=_node_ip(), num_threads=num_threads,
-                                      parallel_min_tokens=parallel_min_tokens, nice=nice, metrics=StageMetrics(self.index),
+                                      parallel_min_tokens=parallel_min_tokens, metrics=StageMetrics(self.index),
                                       known_addresses=announcer.known, limits=self.limits)
             self.stage = stage
             logger.info("%s: %.1f MiB of weights loaded; data plane at %s", name, stage.weight_bytes() / 2**20,

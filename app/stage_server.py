@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import queue
 import threading
 import time
@@ -67,14 +66,6 @@ class StageServer:
             took 43 ms per token on 1 thread but 124 ms on 2 for one stream, and 89-98 ms on 1
             thread against 80-1500 ms (erratic) on 2 for a batch of 16. Prefill is compute-bound
             and gains from every core.
-        nice: the compute thread's nice value while it computes a large step (one of at least
-            `parallel_min_tokens` tokens: a prefill), which the threads it starts for that step
-            (OpenMP's) inherit; 0 leaves it alone. A negative one (it needs CAP_SYS_NICE; without,
-            the stage warns once and computes as it is) lets a prefill run on when the host's
-            other work wakes up: Ray's and Serve's processes wake hundreds of times a second, and
-            on 2 cores a 256-token prefill was preempted about 140 times per thread at 0, 90 at
-            -10 (README, Performance). Decode steps keep the thread's own value: at -10 they kept
-            the ingress, which feeds them, waiting.
         metrics: has `observe_step(rows, tokens, seconds, queued)`, `step_failed()` and
             `refused(reason)` (e.g. `app.metrics.StageMetrics`; None: none kept).
         known_addresses: `known(addresses) -> bool`, whether every address is one of the
@@ -84,12 +75,12 @@ class StageServer:
     """
 
     def __init__(self, stage, secret, host: str = "127.0.0.1", num_threads: int | None = None,
-                 parallel_min_tokens: int = 64, nice: int = 0, metrics=None, known_addresses=None,
+                 parallel_min_tokens: int = 64, metrics=None, known_addresses=None,
                  limits: wire.Limits = wire.Limits()):
         self.stage = stage
         self.sampler = Sampler()  # the last stage's, with the token histories penalties need
         self.metrics = metrics
-        self.num_threads, self.parallel_min_tokens, self.nice = num_threads, parallel_min_tokens, nice
+        self.num_threads, self.parallel_min_tokens = num_threads, parallel_min_tokens
         self.load = StageLoad()
         self.released = threading.Event()
         self.demand = {"sequences": 0, "waiting": 0.0}
@@ -139,7 +130,6 @@ class StageServer:
         self._inbox.put((message, rows, time.monotonic()))
 
     def _run(self) -> None:
-        self._own_nice = self._nice_now = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         while True:
             step, rows, arrived = self._inbox.get()
             self.load.queued -= 1
@@ -158,7 +148,6 @@ class StageServer:
             threads = self.num_threads if num_tokens >= self.parallel_min_tokens else 1
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
-        self._renice(num_tokens >= self.parallel_min_tokens)
         try:
             if getattr(self.stage, "is_encoder", False):  # whole texts: `rows` is their attention mask
                 out = self.stage(step.inputs, rows)
@@ -197,20 +186,6 @@ class StageServer:
             # steps' smaller ones fragment: give the free pages back, or the stage holds more
             # than its planned working memory after a while (measured: 40-100 MiB more under load).
             _malloc_trim(0)
-
-    def _renice(self, large: bool) -> None:
-        """The compute thread at `nice` for a large step, at its own value otherwise. OpenMP's
-        threads, which it starts during its first large step, keep the value they started with."""
-        value = self.nice if large else self._own_nice
-        if not self.nice or value == self._nice_now:
-            return
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
-            self._nice_now = value
-        except OSError as exc:
-            logger.warning("cannot set the compute thread's nice value to %d (%s); it stays at %d", value, exc,
-                           self._own_nice)
-            self.nice = 0
 
     def _send(self, address: str, message: wire.Message) -> bool:
         try:
