@@ -14,6 +14,13 @@ prefix cache does not answer a later round from an earlier one's blocks. The bas
 while the server is idle. Prints each round's ratios, then the median of the rounds and their ratios (>1: stagewise faster),
 and how many of the machine's cores were busy while (b) streamed, and each Serve process's share (from /proc).
 Each stage has one replica (`stage_autoscaling: null`; `--extra` can change any builder arg).
+
+Then, unless `--no-ceiling`, what the compute alone allows on this machine, measured in the same
+process once the server has stopped (`load_tests/step_compute.py`'s timings): a decode step of
+the whole model as one stage, on the threads a stage gives a step of that size, at batch 1 and 16
+(a route's stages compute one after the other, so a token costs the whole model), as tokens/s
+against transformers' medians above; and the 256-token prefill in two stages against
+`generate(max_new_tokens=1)`, alternating.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from app.builder import BuilderArgs  # noqa: E402
+from load_tests.step_compute import BLOCK, STEPS, time_prefill, time_stage, time_transformers  # noqa: E402
+from stages import Stage  # noqa: E402
 from tests.checkpoints import build_llama_125m, corpus  # noqa: E402
 from tests.serving import ServeRun  # noqa: E402
 
@@ -146,6 +156,27 @@ def hf_generate(model, tokenizer, batch: list[list[int]], new_tokens: int) -> fl
     return time.perf_counter() - began
 
 
+def ceiling(model_dir: str, model, builder: dict) -> dict[str, float]:
+    """What the compute alone allows for (a), (b) and (c), as ratios like the benchmark's."""
+    threads = torch.get_num_threads()
+    args = BuilderArgs(**builder)
+    stage_threads = args.stage_num_threads or os.cpu_count() or 1
+    num_layers = model.config.num_hidden_layers
+    stage = Stage(model_dir, 0, num_layers, num_blocks=NUM_STREAMS * -(-(PROMPT_TOKENS + STEPS) // BLOCK),
+                  block_size=BLOCK)
+    steps = {}
+    for batch in (1, NUM_STREAMS):
+        torch.set_num_threads(stage_threads if batch >= args.stage_parallel_min_tokens else 1)
+        steps[f"stage_step_{batch}"] = time_stage(stage, batch)
+        torch.set_num_threads(threads)
+        steps[f"hf_step_{batch}"] = time_transformers(model, batch)
+    del stage
+    torch.set_num_threads(stage_threads)
+    steps["stage_prefill"], steps["hf_prefill"], _ = time_prefill(model_dir, model, LONG_PROMPT_TOKENS)
+    torch.set_num_threads(threads)
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (default: build the 125M Llama)")
@@ -153,6 +184,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--extra", nargs="*", default=[], help="more builder args, key=value")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip measuring what the compute alone allows")
     args = parser.parse_args()
     model_dir = args.model or build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -201,8 +233,20 @@ def main() -> None:
     cores = {k: statistics.median(r.get(k, 0.0) for r in shares) for k in shares[0]}
     print(f"    while (b) streamed: {cores.pop('busy'):.2f} of {os.cpu_count()} cores busy; "
           + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cores.items())))
+    steps = {} if args.no_ceiling else ceiling(model_dir, model, builder)
+    if steps:
+        batch = NUM_STREAMS
+        rate_a, rate_b = 1 / steps["stage_step_1"], batch / steps[f"stage_step_{batch}"]
+        print(f"compute alone, in this process once the server stopped (a stage's threads for each step, "
+              f"transformers' {torch.get_num_threads()}):\n"
+              f"    decode step of the whole model at batch 1: {steps['stage_step_1'] * 1e3:.1f} ms, {rate_a:.1f} tok/s "
+              f"(transformers' step {steps['hf_step_1'] * 1e3:.1f} ms): allows (a) {rate_a / med['hf_single']:.2f}x\n"
+              f"    at batch {batch}: {steps[f'stage_step_{batch}'] * 1e3:.1f} ms, {rate_b:.1f} tok/s (transformers' step "
+              f"{steps[f'hf_step_{batch}'] * 1e3:.1f} ms): allows (b) {rate_b / med['hf_batch']:.2f}x\n"
+              f"    {LONG_PROMPT_TOKENS}-token prefill in two stages: {steps['stage_prefill'] * 1e3:.1f} ms, "
+              f"transformers {steps['hf_prefill'] * 1e3:.1f} ms: allows (c) {steps['hf_prefill'] / steps['stage_prefill']:.2f}x")
     if args.json:
-        print(json.dumps({"median": med, "rounds": results, "builder": builder, "cores": shares}))
+        print(json.dumps({"median": med, "rounds": results, "builder": builder, "cores": shares, "ceiling": steps}))
 
 
 if __name__ == "__main__":

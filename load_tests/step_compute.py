@@ -59,7 +59,9 @@ def time_transformers(model, batch: int, prompt: int = PROMPT) -> float:
     return statistics.median(times[2:])
 
 
-def time_prefill(model_dir: str, model, tokens: int, rounds: int = 7) -> None:
+def time_prefill(model_dir: str, model, tokens: int, rounds: int = 7) -> tuple[float, float, float]:
+    """Median seconds of a `tokens`-token prefill through the model in two packed stages and of
+    transformers `generate(max_new_tokens=1)`, alternating, and the stages' linear layers' GFLOP/s."""
     num_layers, num_blocks = model.config.num_hidden_layers, -(-tokens // BLOCK)
     halves = [Stage(model_dir, start, end, num_blocks=num_blocks, block_size=BLOCK)
               for start, end in ((0, num_layers // 2), (num_layers // 2, num_layers))]
@@ -76,9 +78,7 @@ def time_prefill(model_dir: str, model, tokens: int, rounds: int = 7) -> None:
             hf.append(time.perf_counter() - began)
     s, h = statistics.median(stages[2:]), statistics.median(hf[2:])
     linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
-    print(f"{tokens}-token prefill, {torch.get_num_threads()} thread(s), median of {rounds}: two packed stages "
-          f"{s * 1e3:.1f} ms ({2 * linear * tokens / s / 1e9:.0f} GFLOP/s in the blocks' linear layers), "
-          f"transformers generate(max_new_tokens=1) {h * 1e3:.1f} ms; ratio {h / s:.2f}x")
+    return s, h, 2 * linear * tokens / s / 1e9
 
 
 def main() -> None:
@@ -92,8 +92,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_dir = args.model or build_llama_125m(os.path.join(tempfile.gettempdir(), "stagewise-llama-125m"))
     if args.prefill:
-        return time_prefill(model_dir, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
-                            args.prefill)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        s, h, gflops = time_prefill(model_dir, model, args.prefill)
+        print(f"{args.prefill}-token prefill, {args.threads} thread(s), median of 7: two packed stages "
+              f"{s * 1e3:.1f} ms ({gflops:.0f} GFLOP/s in the blocks' linear layers), "
+              f"transformers generate(max_new_tokens=1) {h * 1e3:.1f} ms; ratio {h / s:.2f}x")
+        return
     num_layers = AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers
     blocks = max(args.batch) * -(-(args.context + STEPS) // BLOCK)
     packed = Stage(model_dir, 0, num_layers, num_blocks=blocks, block_size=BLOCK)
