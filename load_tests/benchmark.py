@@ -42,8 +42,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from app.builder import BuilderArgs  # noqa: E402
-from load_tests.step_compute import BLOCK, STEPS, time_prefill, time_stage, time_transformers  # noqa: E402
-from stages import Stage  # noqa: E402
+from load_tests.step_compute import decode_stage, time_prefill, time_stage, time_transformers  # noqa: E402
 from tests.checkpoints import build_llama_125m, corpus  # noqa: E402
 from tests.serving import ServeRun  # noqa: E402
 
@@ -157,19 +156,19 @@ def hf_generate(model, tokenizer, batch: list[list[int]], new_tokens: int) -> fl
 
 
 def ceiling(model_dir: str, model, builder: dict) -> dict[str, float]:
-    """What the compute alone allows for (a), (b) and (c), as ratios like the benchmark's."""
+    """Median seconds of what bounds (a), (b) and (c): a decode step of the whole model as one stage
+    and transformers' at batch 1 and `NUM_STREAMS` (after `PROMPT_TOKENS` of context), and the
+    prefill of `LONG_PROMPT_TOKENS` in two stages and transformers'."""
     threads = torch.get_num_threads()
     args = BuilderArgs(**builder)
     stage_threads = args.stage_num_threads or os.cpu_count() or 1
-    num_layers = model.config.num_hidden_layers
-    stage = Stage(model_dir, 0, num_layers, num_blocks=NUM_STREAMS * -(-(PROMPT_TOKENS + STEPS) // BLOCK),
-                  block_size=BLOCK)
+    stage = decode_stage(model_dir, model.config.num_hidden_layers, NUM_STREAMS, PROMPT_TOKENS)
     steps = {}
     for batch in (1, NUM_STREAMS):
         torch.set_num_threads(stage_threads if batch >= args.stage_parallel_min_tokens else 1)
-        steps[f"stage_step_{batch}"] = time_stage(stage, batch)
+        steps[f"stage_step_{batch}"] = time_stage(stage, batch, PROMPT_TOKENS)
         torch.set_num_threads(threads)
-        steps[f"hf_step_{batch}"] = time_transformers(model, batch)
+        steps[f"hf_step_{batch}"] = time_transformers(model, batch, PROMPT_TOKENS)
     del stage
     torch.set_num_threads(stage_threads)
     steps["stage_prefill"], steps["hf_prefill"], _ = time_prefill(model_dir, model, LONG_PROMPT_TOKENS)

@@ -30,6 +30,12 @@ from stages import Stage  # noqa: E402
 from tests.checkpoints import build_llama_125m  # noqa: E402
 
 PROMPT, STEPS, BLOCK = 24, 24, 16
+PREFILL_ROUNDS = 7
+
+
+def decode_stage(model_dir: str, num_layers: int, max_batch: int, context: int = PROMPT) -> Stage:
+    """The whole model as one stage, its KV pool enough for `time_stage` at up to `max_batch` rows."""
+    return Stage(model_dir, 0, num_layers, num_blocks=max_batch * -(-(context + STEPS) // BLOCK), block_size=BLOCK)
 
 
 def time_stage(stage: Stage, batch: int, prompt: int = PROMPT) -> float:
@@ -59,7 +65,7 @@ def time_transformers(model, batch: int, prompt: int = PROMPT) -> float:
     return statistics.median(times[2:])
 
 
-def time_prefill(model_dir: str, model, tokens: int, rounds: int = 7) -> tuple[float, float, float]:
+def time_prefill(model_dir: str, model, tokens: int, rounds: int = PREFILL_ROUNDS) -> tuple[float, float, float]:
     """Median seconds of a `tokens`-token prefill through the model in two packed stages and of
     transformers `generate(max_new_tokens=1)`, alternating, and the stages' linear layers' GFLOP/s."""
     num_layers, num_blocks = model.config.num_hidden_layers, -(-tokens // BLOCK)
@@ -94,15 +100,14 @@ def main() -> None:
     if args.prefill:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         s, h, gflops = time_prefill(model_dir, model, args.prefill)
-        print(f"{args.prefill}-token prefill, {args.threads} thread(s), median of 7: two packed stages "
+        print(f"{args.prefill}-token prefill, {args.threads} thread(s), median of {PREFILL_ROUNDS}: two packed stages "
               f"{s * 1e3:.1f} ms ({gflops:.0f} GFLOP/s in the blocks' linear layers), "
               f"transformers generate(max_new_tokens=1) {h * 1e3:.1f} ms; ratio {h / s:.2f}x")
         return
     num_layers = AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers
-    blocks = max(args.batch) * -(-(args.context + STEPS) // BLOCK)
-    packed = Stage(model_dir, 0, num_layers, num_blocks=blocks, block_size=BLOCK)
+    packed = decode_stage(model_dir, num_layers, max(args.batch), args.context)
     with mock.patch("stages.stage.can_pack", lambda device, dtype: False):
-        plain = Stage(model_dir, 0, num_layers, num_blocks=blocks, block_size=BLOCK)
+        plain = decode_stage(model_dir, num_layers, max(args.batch), args.context)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     print(f"decode step, whole model, {args.threads} thread(s), {args.context} tokens of context, "
           f"median of {STEPS - 2}:")
